@@ -1,0 +1,1 @@
+"""Brokers: how a message published anywhere reaches the workers holding its recipients."""

@@ -1,0 +1,71 @@
+"""``manydoors serve | load`` — the command line. ``main(argv) -> int`` is callable from tests."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import config as cfg
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the connection server")
+    p.add_argument("--config", metavar="FILE", help="TOML config file")
+    for opt in (*cfg.SERVICE_OPTIONS, *cfg.GLOBAL_OPTIONS):
+        p.add_argument(opt.flag, dest=opt.key, metavar=opt.key.split(".")[-1].upper(),
+                       help=f"{opt.help} (env {opt.env})")
+    p.add_argument("--ready-file", metavar="FILE",
+                   help="write JSON with the bound ports and pids once ready")
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from .server.supervisor import StartupError, Supervisor
+
+    toml_text = None
+    if args.config:
+        try:
+            with open(args.config) as f:
+                toml_text = f.read()
+        except OSError as exc:
+            print(f"manydoors: cannot read config {args.config}: {exc.strerror}", file=sys.stderr)
+            return 2
+    flags = {o.key: getattr(args, o.key) for o in (*cfg.SERVICE_OPTIONS, *cfg.GLOBAL_OPTIONS)}
+    try:
+        config = cfg.load(toml_text, os.environ, flags)
+    except cfg.ConfigError as exc:
+        print(f"manydoors: config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return uvloop.run(Supervisor(config).run(args.ready_file))
+    except StartupError as exc:
+        print(f"manydoors: {exc}", file=sys.stderr)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="manydoors", description="Hold a million TCP connections and push messages down them."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    from .loadgen.cli import add_parser as add_load_parser
+
+    add_load_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    if args.command == "load":
+        from .loadgen.cli import run as run_load
+
+        return run_load(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Configuration as frozen data: TOML, then ``MANYDOORS_*`` environment, then flags.
+
+No I/O here: the CLI reads the file and the environment and hands their contents in.
+Every option is listed once in ``SERVICE_OPTIONS`` / ``GLOBAL_OPTIONS`` with its TOML
+key, environment variable and flag, so the three sources cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Final
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says which key and why."""
+
+
+PROTOCOLS: Final = ("tcp",)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """One service: a port (house) with its own pool of worker processes (cooks)."""
+
+    name: str = "chat"
+    host: str = "127.0.0.1"
+    port: int = 7000
+    protocol: str = "tcp"
+    backlog: int = 4096
+    max_connections: int = 100_000
+    workers: int | None = None  # None: "auto", sized from max_connections and fds
+    max_message_bytes: int = 64 * 1024
+    max_outbound_bytes: int = 1024 * 1024
+    max_bad_messages: int = 10  # consecutive bad lines before the connection is closed
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"service name {self.name!r}: use letters, digits, - and _")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"service {self.name}: port {self.port} is not in 0-65535")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(
+                f"service {self.name}: protocol {self.protocol!r} is not one of {PROTOCOLS}"
+            )
+        for key in ("backlog", "max_connections", "max_message_bytes", "max_outbound_bytes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"service {self.name}: {key} must be at least 1")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"service {self.name}: workers must be 'auto' or at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    host: str = "127.0.0.1"
+    port: int = 7080
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"api: port {self.port} is not in 0-65535")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    api: ApiConfig = field(default_factory=ApiConfig)
+    services: tuple[ServiceConfig, ...] = (ServiceConfig(),)
+    drain_timeout: float = 10.0
+    # Lower the per-worker fd limit below the hard limit (sharing a box, testing).
+    fd_limit: int | None = None
+    # fds a worker keeps for itself (listener, broker link, loop, /proc reads).
+    fd_reserve: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.services:
+            raise ConfigError("at least one [[service]] is needed")
+        names = [s.name for s in self.services]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"service names must be unique: {names}")
+        ports = [(s.host, s.port) for s in self.services if s.port]
+        if len(set(ports)) != len(ports):
+            raise ConfigError(f"two services listen on the same address: {ports}")
+        if self.drain_timeout <= 0:
+            raise ConfigError("drain_timeout must be positive")
+        if self.fd_limit is not None and self.fd_limit <= self.fd_reserve + 1:
+            raise ConfigError(f"fd_limit {self.fd_limit} leaves no room beside fd_reserve")
+
+
+def _workers(value: Any) -> int | None:
+    if value in ("auto", None):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"workers must be 'auto' or a number, not {value!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    key: str  # TOML key (in [[service]], [api] as "api.port", or top level)
+    env: str
+    flag: str
+    parse: Callable[[Any], Any]
+    help: str
+
+
+SERVICE_OPTIONS: Final = (
+    Option("name", "MANYDOORS_SERVICE", "--service", str, "service name"),
+    Option("host", "MANYDOORS_HOST", "--host", str, "address to listen on"),
+    Option("port", "MANYDOORS_PORT", "--port", int, "port to listen on"),
+    Option("protocol", "MANYDOORS_PROTOCOL", "--protocol", str, "tcp"),
+    Option("backlog", "MANYDOORS_BACKLOG", "--backlog", int, "listen() backlog"),
+    Option(
+        "max_connections",
+        "MANYDOORS_MAX_CONNECTIONS",
+        "--max-connections",
+        int,
+        "connections the service holds before answering server_full",
+    ),
+    Option("workers", "MANYDOORS_WORKERS", "--workers", _workers, "'auto' or a number"),
+    Option(
+        "max_message_bytes",
+        "MANYDOORS_MAX_MESSAGE_BYTES",
+        "--max-message-bytes",
+        int,
+        "longest line a client may send",
+    ),
+    Option(
+        "max_outbound_bytes",
+        "MANYDOORS_MAX_OUTBOUND_BYTES",
+        "--max-outbound-bytes",
+        int,
+        "bytes queued to a slow reader before new messages to it are dropped",
+    ),
+)
+GLOBAL_OPTIONS: Final = (
+    Option("api.host", "MANYDOORS_API_HOST", "--api-host", str, "HTTP API address"),
+    Option("api.port", "MANYDOORS_API_PORT", "--api-port", int, "HTTP API port"),
+    Option(
+        "drain_timeout",
+        "MANYDOORS_DRAIN_TIMEOUT",
+        "--drain-timeout",
+        float,
+        "seconds to drain on SIGTERM",
+    ),
+    Option(
+        "fd_limit",
+        "MANYDOORS_FD_LIMIT",
+        "--fd-limit",
+        int,
+        "per-worker fd limit (default: the hard limit)",
+    ),
+)
+
+
+def _parse(opt: Option, value: Any, source: str) -> Any:
+    try:
+        return opt.parse(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load(
+    toml_text: str | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build a Config. ``flags`` maps option keys (``"port"``, ``"api.port"``) to values.
+
+    Service options given by env or flag apply to the single service; with several
+    services in the file they are an error (say which one in the file instead).
+    """
+    doc: dict[str, Any] = {}
+    if toml_text:
+        try:
+            doc = tomllib.loads(toml_text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file: {exc}") from None
+    known_top = {"api", "service", "drain_timeout", "fd_limit", "fd_reserve"}
+    unknown = set(doc) - known_top
+    if unknown:
+        raise ConfigError(f"unknown config keys: {sorted(unknown)}")
+
+    service_tables = doc.get("service", [{}])
+    if not isinstance(service_tables, list):
+        raise ConfigError("use [[service]] tables (an array of tables) for services")
+    service_keys = {f.name for f in fields(ServiceConfig)}
+    services: list[dict[str, Any]] = []
+    for i, table in enumerate(service_tables):
+        bad = set(table) - service_keys
+        if bad:
+            raise ConfigError(f"[[service]] #{i + 1}: unknown keys {sorted(bad)}")
+        svc = dict(table)
+        if "workers" in svc:
+            svc["workers"] = _workers(svc["workers"])
+        services.append(svc)
+
+    top: dict[str, Any] = {k: v for k, v in doc.items() if k not in ("api", "service")}
+    api: dict[str, Any] = dict(doc.get("api", {}))
+    overrides: dict[str, Any] = {}
+    for opts in (SERVICE_OPTIONS, GLOBAL_OPTIONS):
+        for opt in opts:
+            if env and opt.env in env:
+                overrides[opt.key] = _parse(opt, env[opt.env], opt.env)
+            if flags and flags.get(opt.key) is not None:
+                overrides[opt.key] = _parse(opt, flags[opt.key], opt.flag)
+    for key, value in overrides.items():
+        if key.startswith("api."):
+            api[key[4:]] = value
+        elif key in service_keys:
+            if len(services) != 1:
+                raise ConfigError(
+                    f"{key} given by flag or env, but the config has {len(services)} "
+                    "services: set it in the service's table instead"
+                )
+            services[0][key] = value
+        else:
+            top[key] = value
+    try:
+        return Config(
+            api=ApiConfig(**api),
+            services=tuple(ServiceConfig(**s) for s in services),
+            **top,
+        )
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def with_services(config: Config, *services: ServiceConfig) -> Config:
+    return replace(config, services=services)

@@ -1,0 +1,1 @@
+"""Load generator: open, hold and exercise many connections."""

@@ -1,0 +1,72 @@
+"""Worker <-> broker framing (sans-I/O).
+
+A frame is ``kind:u8 keylen:u16 paylen:u32`` (network order), then the key (UTF-8: a
+channel or user name) and the payload. The key travels beside the payload so that a
+worker routes a delivery by dict lookup without parsing the JSON it forwards.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+from typing import Final
+
+_HEADER: Final = struct.Struct("!BHI")
+HEADER_SIZE: Final = _HEADER.size
+MAX_PAYLOAD: Final = 64 * 1024 * 1024
+
+
+class Kind(IntEnum):
+    # worker -> broker
+    SUB = 1  # this worker now holds subscribers of <key>
+    UNSUB = 2  # ... no longer
+    USER_ON = 3  # this worker now holds a connection of user <key>
+    USER_OFF = 4
+    PUB = 5  # publish to channel <key>; payload = JSON [from, data]
+    SEND = 6  # message to user <key>; payload = [from, data]
+    SYNC = 7  # echo me back: everything I sent before has been applied
+    READY = 8  # the worker is accepting; key = its pid
+    # broker -> worker
+    DELIVER_CHANNEL = 20  # payload = encoded event line for subscribers of <key>
+    DELIVER_USER = 21  # payload = encoded event line for connections of user <key>
+    DELIVER_ALL = 22  # payload = encoded event line for every connection
+    SYNCED = 23
+
+
+def encode_frame(kind: Kind, key: str = "", payload: bytes = b"") -> bytes:
+    k = key.encode()
+    return _HEADER.pack(kind, len(k), len(payload)) + k + payload
+
+
+class FrameError(Exception):
+    """The peer sent a frame this side cannot parse; the link must be dropped."""
+
+
+class IpcParser:
+    """Accumulates bytes and returns complete ``(kind, key, payload)`` frames."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, str, bytes]]:
+        buf = self._buf
+        buf += data
+        out: list[tuple[int, str, bytes]] = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= HEADER_SIZE:
+            kind, klen, plen = _HEADER.unpack_from(buf, pos)
+            if plen > MAX_PAYLOAD:
+                raise FrameError(f"frame payload of {plen} bytes exceeds {MAX_PAYLOAD}")
+            start = pos + HEADER_SIZE
+            stop = start + klen + plen
+            if stop > end:
+                break
+            key = bytes(buf[start : start + klen]).decode()
+            out.append((kind, key, bytes(buf[start + klen : stop])))
+            pos = stop
+        if pos:
+            del buf[:pos]
+        return out

@@ -1,0 +1,201 @@
+"""Message schema (sans-I/O): client ops in, server events out.
+
+Client ops are decoded and validated by msgspec in one pass into typed Structs.
+``data`` stays ``msgspec.Raw``: the server never decodes a payload, it copies the
+client's bytes into the outgoing event, so relaying costs no JSON round trip.
+Server events are encoded once per message and the same bytes are written to every
+recipient.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final
+
+import msgspec
+from msgspec import Meta, Raw, Struct
+
+Name = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")]
+OpId = int | str | None
+
+
+class Hello(Struct, tag="hello", tag_field="op"):
+    user: Name
+    token: str | None = None
+    id: OpId = None
+
+
+class Sub(Struct, tag="sub", tag_field="op"):
+    channel: Name
+    id: OpId = None
+
+
+class Unsub(Struct, tag="unsub", tag_field="op"):
+    channel: Name
+    id: OpId = None
+
+
+class Pub(Struct, tag="pub", tag_field="op"):
+    channel: Name
+    data: Raw
+    id: OpId = None
+
+
+class Send(Struct, tag="send", tag_field="op"):
+    user: Name
+    data: Raw
+    id: OpId = None
+
+
+class Ping(Struct, tag="ping", tag_field="op"):
+    id: OpId = None
+
+
+ClientOp = Hello | Sub | Unsub | Pub | Send | Ping
+OPS: Final = ("hello", "sub", "unsub", "pub", "send", "ping")
+
+
+class ProtocolError(Exception):
+    """A client input the server rejects; ``code`` is stable, ``reason`` is for humans."""
+
+    def __init__(self, code: str, reason: str, op_id: OpId = None) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.op_id = op_id
+
+
+# Every error code the server can send, so stats can count them in fixed slots.
+ERROR_CODES: Final = (
+    "bad_json",
+    "not_object",
+    "unknown_op",
+    "missing_field",
+    "bad_field",
+    "too_long",
+    "server_full",
+)
+
+_op_decoder: Final = msgspec.json.Decoder(ClientOp)
+
+
+class _IdOnly(Struct):
+    id: OpId = None
+
+
+_id_decoder: Final = msgspec.json.Decoder(_IdOnly)
+
+
+def _salvage_id(line: bytes) -> OpId:
+    """Best effort: the id of an op that failed validation, so the error can carry it."""
+    try:
+        return _id_decoder.decode(line).id
+    except msgspec.DecodeError:
+        return None
+
+
+def decode_op(line: bytes) -> ClientOp:
+    """Decode one line into a client op or raise ProtocolError with a specific code."""
+    try:
+        return _op_decoder.decode(line)
+    except msgspec.ValidationError as exc:
+        raise _classify(str(exc), line) from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError("bad_json", f"not valid JSON: {exc}") from None
+
+
+def _classify(msg: str, line: bytes) -> ProtocolError:
+    # msgspec's messages are stable and documented by example; map them to codes.
+    op_id = _salvage_id(line)
+    if msg.startswith("Expected `object`"):
+        return ProtocolError("not_object", "a message must be a JSON object", op_id)
+    if msg == "Object missing required field `op`":
+        return ProtocolError("missing_field", "missing field 'op'", op_id)
+    if msg.endswith("- at `$.op`"):
+        known = ", ".join(OPS)
+        return ProtocolError("unknown_op", f"unknown or invalid op (known: {known})", op_id)
+    if msg.startswith("Object missing required field"):
+        field = msg.split("`")[1]
+        return ProtocolError("missing_field", f"missing field '{field}'", op_id)
+    return ProtocolError("bad_field", msg.replace("`$.", "`"), op_id)
+
+
+# --- server events -------------------------------------------------------------------
+
+
+class Welcome(Struct, tag="welcome", tag_field="ev"):
+    conn: str
+    service: str
+    worker: int
+
+
+class Msg(Struct, tag="msg", tag_field="ev"):
+    channel: str
+    seq: int
+    from_: str | None = msgspec.field(name="from")
+    data: Raw
+
+
+class Dm(Struct, tag="dm", tag_field="ev"):
+    from_: str | None = msgspec.field(name="from")
+    data: Raw
+
+
+class Broadcast(Struct, tag="broadcast", tag_field="ev"):
+    seq: int
+    from_: str | None = msgspec.field(name="from")
+    data: Raw
+
+
+class Ok(Struct, tag="ok", tag_field="ev"):
+    id: OpId
+
+
+class Error(Struct, tag="error", tag_field="ev", omit_defaults=True):
+    code: str
+    reason: str
+    id: OpId = None
+
+
+class Pong(Struct, tag="pong", tag_field="ev", omit_defaults=True):
+    id: OpId = None
+
+
+class Bye(Struct, tag="bye", tag_field="ev"):
+    reason: str
+
+
+_enc: Final = msgspec.json.Encoder()
+PONG: Final = b'{"ev":"pong"}\n'
+
+
+def encode(event: Welcome | Msg | Dm | Broadcast | Ok | Pong | Error | Bye) -> bytes:
+    """One event as one NDJSON line."""
+    return _enc.encode(event) + b"\n"
+
+
+def msg_line(channel: str, seq: int, sender: str | None, data: Raw) -> bytes:
+    return encode(Msg(channel, seq, sender, data))
+
+
+def dm_line(sender: str | None, data: Raw) -> bytes:
+    return encode(Dm(sender, data))
+
+
+def broadcast_line(seq: int, sender: str | None, data: Raw) -> bytes:
+    return encode(Broadcast(seq, sender, data))
+
+
+def pong_line(op_id: OpId) -> bytes:
+    return encode(Pong(op_id))
+
+
+def error_line(code: str, reason: str, op_id: OpId = None) -> bytes:
+    return encode(Error(code, reason, op_id))
+
+
+def ok_line(op_id: OpId) -> bytes:
+    return encode(Ok(op_id))
+
+
+def bye_line(reason: str) -> bytes:
+    return encode(Bye(reason))

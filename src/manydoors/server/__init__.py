@@ -1,0 +1,1 @@
+"""The connection server: supervisor, workers, hub, API."""

@@ -1,0 +1,110 @@
+"""A worker's registry: its connections, by user and by channel (no I/O).
+
+The hub knows which users and channels this worker holds and reports the 0 -> 1 and
+1 -> 0 transitions, which are exactly what the broker needs to route a message to
+this worker only when it has recipients.
+
+Memory is the key figure, so the common cases are stored flat: a user with one
+connection maps straight to it (a set only appears for a second connection), and a
+connection's channels are a tuple (``()`` when none, a shared constant).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Protocol
+
+
+class Member(Protocol):
+    """What the hub needs of a connection."""
+
+    user: str | None
+    channels: tuple[str, ...]
+
+
+class Hub:
+    __slots__ = ("channels", "conns", "users")
+
+    def __init__(self) -> None:
+        self.conns: set[Member] = set()
+        self.channels: dict[str, set[Member]] = {}
+        self.users: dict[str, Member | set[Member]] = {}
+
+    def __len__(self) -> int:
+        return len(self.conns)
+
+    def add(self, conn: Member) -> None:
+        self.conns.add(conn)
+
+    def remove(self, conn: Member) -> tuple[list[str], str | None]:
+        """Forget a connection; return the channels and the user this worker lost."""
+        self.conns.discard(conn)
+        lost = [ch for ch in conn.channels if self._leave(conn, ch)]
+        conn.channels = ()
+        user = conn.user
+        gone = user if user is not None and self._drop_user(conn, user) else None
+        return lost, gone
+
+    def subscribe(self, conn: Member, channel: str) -> bool:
+        """Subscribe; True when this worker had no subscriber of the channel before."""
+        if channel in conn.channels:
+            return False
+        channel = sys.intern(channel)  # one string object per channel, shared by members
+        conn.channels = (*conn.channels, channel)
+        members = self.channels.get(channel)
+        if members is None:
+            self.channels[channel] = {conn}
+            return True
+        members.add(conn)
+        return False
+
+    def unsubscribe(self, conn: Member, channel: str) -> bool:
+        """Unsubscribe; True when this was the worker's last subscriber of the channel."""
+        if channel not in conn.channels:
+            return False
+        conn.channels = tuple(ch for ch in conn.channels if ch != channel)
+        return self._leave(conn, channel)
+
+    def _leave(self, conn: Member, channel: str) -> bool:
+        members = self.channels.get(channel)
+        if members is None:
+            return False
+        members.discard(conn)
+        if members:
+            return False
+        del self.channels[channel]
+        return True
+
+    def set_user(self, conn: Member, user: str) -> tuple[bool, str | None]:
+        """Name the connection's user. Returns (user is new to this worker, user lost)."""
+        old = conn.user
+        if old == user:
+            return False, None
+        lost = old if old is not None and self._drop_user(conn, old) else None
+        conn.user = user
+        held = self.users.get(user)
+        if held is None:
+            self.users[user] = conn
+            return True, lost
+        if isinstance(held, set):
+            held.add(conn)
+        else:
+            self.users[user] = {held, conn}
+        return False, lost
+
+    def _drop_user(self, conn: Member, user: str) -> bool:
+        held = self.users.get(user)
+        if held is conn:
+            del self.users[user]
+            return True
+        if isinstance(held, set):
+            held.discard(conn)
+            if len(held) == 1:
+                self.users[user] = held.pop()
+        return False
+
+    def of_user(self, user: str) -> tuple[Member, ...] | set[Member]:
+        held = self.users.get(user)
+        if held is None:
+            return ()
+        return held if isinstance(held, set) else (held,)

@@ -1,0 +1,368 @@
+"""The supervisor: sizes pools, binds, spawns, restarts, drains.
+
+One process per node runs the supervisor, the local broker and the HTTP API on one
+uvloop loop. Workers are forked by a multiprocessing fork server that has imported
+the worker module once, so every worker starts small and shares those pages.
+
+Each worker slot gets its own SO_REUSEPORT listening socket, bound here and kept
+open here for the life of the node. The kernel spreads new connections evenly over
+the slots by 4-tuple hash (a shared socket would let whichever worker wakes first
+drain the whole backlog), and a slot's socket outlives its worker: connections that
+arrive while a worker is being restarted wait in that socket's backlog and are
+accepted by the new worker instead of being reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import json
+import math
+import multiprocessing as mp
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from typing import Any, Final
+
+from ..broker.base import Broker
+from ..broker.local import LocalBroker
+from ..config import Config, ServiceConfig
+from ..protocol.ipc import Kind
+from ..protocol.messages import ERROR_CODES
+from .link import Link
+from .stats import StatsTable
+from .worker import WorkerSpec, worker_main
+
+RESTART_BACKOFF: Final = 1.0  # seconds before restarting a worker that died young
+YOUNG: Final = 2.0  # a worker that dies within this many seconds of starting is "young"
+
+
+class StartupError(Exception):
+    """The node cannot start (port in use, bad address); the message says why."""
+
+
+def fd_limits(config: Config) -> tuple[int, int]:
+    """Raise our soft RLIMIT_NOFILE to the hard limit; return (per-worker limit, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    limit = hard if config.fd_limit is None else min(config.fd_limit, hard)
+    return limit, hard
+
+
+def pool_size(service: ServiceConfig, fd_limit: int, fd_reserve: int) -> int:
+    """Workers so that workers x (fd limit - reserve) >= max_connections.
+
+    Never fewer than asked; "auto" also asks for one per core, since a worker is one
+    event loop on one core.
+    """
+    per_worker = fd_limit - fd_reserve
+    needed = math.ceil(service.max_connections / per_worker)
+    asked = service.workers if service.workers is not None else (os.cpu_count() or 1)
+    return max(needed, asked, 1)
+
+
+def _bind(host: str, port: int, backlog: int, reuseport: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def bind_slots(service: ServiceConfig, count: int) -> list[socket.socket]:
+    """One listening socket per worker slot, all on the service's address."""
+    # A probe without SO_REUSEPORT fails if anyone (even another manydoors of the same
+    # user, which SO_REUSEPORT would silently let us share the port with) holds it.
+    try:
+        probe = _bind(service.host, service.port, 1, reuseport=False)
+    except OSError as exc:
+        why = "is in use by another program" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise StartupError(
+            f"service {service.name}: cannot listen on {service.host}:{service.port}: {why}"
+        ) from None
+    port = probe.getsockname()[1]
+    probe.close()
+    return [_bind(service.host, port, service.backlog, reuseport=True) for _ in range(count)]
+
+
+@dataclass
+class Slot:
+    """One worker position: its socket and stats row outlive the processes that fill it."""
+
+    index: int
+    sock: socket.socket
+    process: BaseProcess | None = None
+    link: Link | None = None
+    started: float = 0.0
+    ready: bool = False
+    restarts: int = 0
+
+
+@dataclass
+class Pool:
+    """A service's worker processes ("the cooks of one house")."""
+
+    service: ServiceConfig
+    port: int
+    slots: list[Slot]
+    table: StatsTable
+    buffer: Any  # the shared ctypes array behind ``table``
+    retired: Counter[str] = field(default_factory=Counter)  # counters of dead workers
+
+
+class Supervisor:
+    def __init__(self, config: Config, out: Any = None) -> None:
+        self.config = config
+        self.out = out or sys.stderr
+        self.broker: Broker = LocalBroker()
+        self.pools: list[Pool] = []
+        self.fd_limit, self.fd_hard = fd_limits(config)
+        self.ctx = mp.get_context("forkserver")
+        self.ctx.set_forkserver_preload(["manydoors.server.worker"])
+        self.stop_requested: asyncio.Event | None = None
+        self.stopping = False
+        self.api_port = config.api.port
+        self.started = time.time()
+
+    def say(self, line: str) -> None:
+        print(f"manydoors: {line}", file=self.out, flush=True)
+
+    # --- start ------------------------------------------------------------------------
+
+    def plan(self) -> list[tuple[ServiceConfig, int]]:
+        cfg = self.config
+        return [(s, pool_size(s, self.fd_limit, cfg.fd_reserve)) for s in cfg.services]
+
+    def bind(self) -> None:
+        cap = self.fd_limit - self.config.fd_reserve
+        for service, count in self.plan():
+            sockets = bind_slots(service, count)
+            port = sockets[0].getsockname()[1]
+            buffer = self.ctx.RawArray(ctypes.c_ubyte, StatsTable.size(count) * 8)
+            table = StatsTable(memoryview(buffer), count)
+            slots = [Slot(i, s) for i, s in enumerate(sockets)]
+            self.pools.append(Pool(service, port, slots, table, buffer))
+            self.say(
+                f"{service.name} {service.host}:{port} backlog {service.backlog}: "
+                f"{count} workers x {cap:,} fds = {count * cap:,} connections"
+                f" (max_connections {service.max_connections:,})"
+            )
+
+    async def spawn(self, pool: Pool, slot: Slot) -> None:
+        loop = asyncio.get_running_loop()
+        mine, theirs = socket.socketpair()
+        spec = WorkerSpec(
+            pool.service, slot.index, len(pool.slots), self.fd_limit,
+            self.config.fd_reserve, self.config.drain_timeout,
+        )
+        proc = self.ctx.Process(
+            target=worker_main,
+            args=(spec, slot.sock, theirs, pool.buffer),
+            name=f"manydoors-{pool.service.name}-{slot.index}",
+        )
+        proc.start()
+        theirs.close()
+        slot.process, slot.started, slot.ready = proc, time.monotonic(), False
+        _, link = await loop.create_unix_connection(
+            lambda: Link(self.on_frame, f"{pool.service.name}/{slot.index}"), sock=mine
+        )
+        slot.link = link
+        self.broker.attach(link)
+        loop.add_reader(proc.sentinel, self.on_exit, pool, slot, proc)
+
+    def on_frame(self, link: Link, kind: int, key: str, payload: bytes) -> None:
+        if kind == Kind.READY:
+            for pool in self.pools:
+                for slot in pool.slots:
+                    if slot.link is link:
+                        slot.ready = True
+            return
+        self.broker.on_frame(link, kind, key, payload)
+
+    def on_exit(self, pool: Pool, slot: Slot, proc: BaseProcess) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(proc.sentinel)
+        proc.join()
+        if slot.process is not proc:
+            return
+        if slot.link is not None:
+            self.broker.detach(slot.link)
+            slot.link.close()
+            slot.link = None
+        pool.retired.update(pool.table.clear_row(slot.index))
+        pool.retired["connections"] = 0  # a gauge, not a counter
+        slot.process = None
+        if self.stopping:
+            return
+        slot.restarts += 1
+        young = time.monotonic() - slot.started < YOUNG
+        self.say(
+            f"worker {pool.service.name}/{slot.index} (pid {proc.pid}) exited with code "
+            f"{proc.exitcode}; restarting{' in 1 s' if young else ''}"
+        )
+        loop.call_later(
+            RESTART_BACKOFF if young else 0,
+            lambda: asyncio.ensure_future(self.spawn(pool, slot)),
+        )
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(s.ready for p in self.pools for s in p.slots):
+            if time.monotonic() > deadline:
+                raise StartupError("workers did not become ready in time")
+            await asyncio.sleep(0.02)
+
+    # --- run --------------------------------------------------------------------------
+
+    async def run(self, ready_file: str | None = None) -> int:
+        from .api import start_api  # aiohttp stays out of the fork server's preload
+
+        loop = asyncio.get_running_loop()
+        self.stop_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            # The handler only records the request; the loop below acts on it.
+            loop.add_signal_handler(sig, self.stop_requested.set)
+        self.bind()
+        runner = await start_api(self)
+        try:
+            for pool in self.pools:
+                for slot in pool.slots:
+                    await self.spawn(pool, slot)
+            await self.wait_ready()
+            self.announce(ready_file)
+            await self.stop_requested.wait()
+            self.say("stopping: draining connections")
+        finally:
+            await self.shutdown()
+            await runner.cleanup()
+        self.say("stopped")
+        return 0
+
+    def announce(self, ready_file: str | None) -> None:
+        api = f"http://{self.config.api.host}:{self.api_port}"
+        services = {
+            p.service.name: {
+                "host": p.service.host,
+                "port": p.port,
+                "workers": [s.process.pid for s in p.slots if s.process is not None],
+            }
+            for p in self.pools
+        }
+        first = self.pools[0]
+        self.say(f"ready: API {api}; try: nc {first.service.host} {first.port}")
+        if ready_file:
+            tmp = f"{ready_file}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"pid": os.getpid(), "api": api, "services": services}, f)
+            os.replace(tmp, ready_file)
+
+    async def shutdown(self) -> None:
+        """SIGTERM every worker (they drain themselves); SIGKILL whoever outlives the timeout."""
+        self.stopping = True
+        procs = [s.process for p in self.pools for s in p.slots if s.process is not None]
+        for proc in procs:
+            if proc.pid is not None:
+                try:
+                    os.kill(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + self.config.drain_timeout
+        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for proc in procs:
+            if proc.is_alive():
+                self.say(f"worker pid {proc.pid} did not drain in time: killing it")
+                proc.kill()
+            proc.join(1)
+        for pool in self.pools:
+            for slot in pool.slots:
+                slot.sock.close()
+                if slot.link is not None:
+                    slot.link.close()
+
+    # --- stats ------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        totals: Counter[str] = Counter()
+        services = []
+        for pool in self.pools:
+            svc = pool.service
+            workers = []
+            svc_totals: Counter[str] = Counter(pool.retired)
+            for slot in pool.slots:
+                row = pool.table.row(slot.index)
+                svc_totals.update(row)
+                pid = slot.process.pid if slot.process is not None else None
+                workers.append(
+                    {
+                        "slot": slot.index,
+                        "pid": pid,
+                        "connections": row["connections"],
+                        "fds": _count_fds(pid),
+                        "fd_limit": self.fd_limit,
+                        "rss_bytes": _rss(pid),
+                        "restarts": slot.restarts,
+                    }
+                )
+            totals.update(svc_totals)
+            services.append(
+                {
+                    "name": svc.name,
+                    "host": svc.host,
+                    "port": pool.port,
+                    "protocol": svc.protocol,
+                    "max_connections": svc.max_connections,
+                    "connections": svc_totals["connections"],
+                    "workers": workers,
+                }
+            )
+        return {
+            "connections": totals["connections"],
+            "accepted": totals["accepted"],
+            "refused": {r: totals[f"refused_{r}"] for r in ("server_full", "worker_full")},
+            "messages_in": totals["messages_in"],
+            "messages_out": totals["messages_out"],
+            "dropped": totals["dropped"],
+            "closed": {r: totals[f"closed_{r}"] for r in ("bad_input", "slow")},
+            "errors": {c: totals[f"error_{c}"] for c in ERROR_CODES},
+            "broker": self.broker.stats(),
+            "uptime_s": round(time.time() - self.started, 3),
+            "services": services,
+        }
+
+
+def _count_fds(pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def _rss(pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return None
+
+

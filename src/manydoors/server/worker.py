@@ -1,0 +1,297 @@
+"""A worker process: one uvloop event loop serving one service's listening socket.
+
+The worker owns a Hub (its connections by user and channel) and a link to the
+broker. It tells the broker only about 0 -> 1 and 1 -> 0 transitions of the users and
+channels it holds, and receives each message once, already encoded, together with
+the key to route it by. Fan-out writes that same bytes object to every recipient.
+
+This module is preloaded by the fork server, so it imports only what a worker needs
+(not aiohttp, not rich): every worker shares those pages copy-on-write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import resource
+import signal
+import socket
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+import msgspec
+import uvloop
+
+from ..config import ServiceConfig
+from ..protocol.ipc import Kind
+from ..protocol.messages import (
+    ERROR_CODES,
+    Hello,
+    OpId,
+    Pub,
+    Send,
+    Sub,
+    Unsub,
+    Welcome,
+    bye_line,
+    encode,
+    error_line,
+    ok_line,
+)
+from .connection import Connection
+from .hub import Hub
+from .link import Link
+from .stats import COL, CONNECTIONS, StatsTable
+
+DRAIN_BATCH: Final = 2000  # connections closed per loop iteration while draining
+_encode_json: Final = msgspec.json.Encoder().encode
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    service: ServiceConfig
+    slot: int  # row in the service's stats table and the number clients see
+    rows: int
+    fd_limit: int
+    fd_reserve: int
+    drain_timeout: float
+
+
+class Worker:
+    """Everything one worker process knows; Connections reach it as a class attribute."""
+
+    def __init__(self, spec: WorkerSpec, stats: StatsTable) -> None:
+        svc = spec.service
+        self.spec = spec
+        self.hub = Hub()
+        self.stats = stats
+        self.mv = stats.mv
+        self.max_message_bytes = svc.max_message_bytes
+        self.max_bad_messages = svc.max_bad_messages
+        self.max_outbound_bytes = svc.max_outbound_bytes
+        self.max_connections = svc.max_connections
+        self.cap = spec.fd_limit - spec.fd_reserve
+        self.pid = os.getpid()
+        self.next_conn = 0
+        self.stopping = False
+        self.link: Link | None = None
+        self.stop_event = asyncio.Event()
+        # Acks that must wait until the broker has applied our earlier interest frames.
+        self.dirty = False
+        self.waiting: deque[list[tuple[Connection, OpId]]] = deque()
+        row = spec.slot
+        ix = {name: stats.index(col, row) for name, col in COL.items()}
+        self.i_conn = ix["connections"]
+        self.i_accepted = ix["accepted"]
+        self.i_in = ix["messages_in"]
+        self.i_out = ix["messages_out"]
+        self.i_dropped = ix["dropped"]
+        self.i_refused = {r: ix[f"refused_{r}"] for r in ("server_full", "worker_full")}
+        self.i_closed = {r: ix[f"closed_{r}"] for r in ("bad_input", "slow")}
+        self.i_error = {code: ix[f"error_{code}"] for code in ERROR_CODES}
+
+    # --- connection lifecycle --------------------------------------------------------
+
+    def admit(self, conn: Connection, transport: asyncio.Transport) -> None:
+        mv = self.mv
+        if self.stopping:
+            conn.transport = None
+            transport.close()
+            return
+        if len(self.hub.conns) >= self.cap:
+            self.refuse(conn, transport, "worker_full", "this worker is at its fd limit")
+            return
+        if self.stats.total(CONNECTIONS) >= self.max_connections:
+            self.refuse(
+                conn, transport, "server_full",
+                f"service is at max_connections ({self.max_connections})",
+            )
+            return
+        self.hub.add(conn)
+        mv[self.i_conn] += 1
+        mv[self.i_accepted] += 1
+        transport.set_write_buffer_limits(high=self.max_outbound_bytes)
+        self.next_conn += 1
+        welcome = Welcome(f"{self.pid}-{self.next_conn}", self.spec.service.name, self.spec.slot)
+        transport.write(encode(welcome))
+
+    def refuse(
+        self, conn: Connection, transport: asyncio.Transport, why: str, reason: str
+    ) -> None:
+        conn.transport = None  # never admitted: connection_lost must not release it
+        self.mv[self.i_refused[why]] += 1
+        self.mv[self.i_error["server_full"]] += 1
+        transport.write(error_line("server_full", reason))
+        transport.close()
+
+    def release(self, conn: Connection) -> None:
+        lost, gone = self.hub.remove(conn)
+        self.mv[self.i_conn] -= 1
+        link = self.link
+        if link is not None:
+            for channel in lost:
+                link.send(Kind.UNSUB, channel)
+            if gone is not None:
+                link.send(Kind.USER_OFF, gone)
+
+    def close(self, conn: Connection, reason: str) -> None:
+        """Say bye with a reason and close (after what is queued has been written)."""
+        transport = conn.transport
+        if transport is None:
+            return
+        self.mv[self.i_closed[reason]] += 1
+        transport.write(bye_line(reason))
+        transport.close()
+
+    # --- counting --------------------------------------------------------------------
+
+    def count_in(self) -> None:
+        self.mv[self.i_in] += 1
+
+    def count_error(self, code: str) -> None:
+        self.mv[self.i_error[code]] += 1
+
+    # --- client ops ------------------------------------------------------------------
+
+    def ok(self, conn: Connection, op_id: OpId) -> None:
+        if op_id is not None:
+            conn.write(ok_line(op_id))
+
+    def ok_when_applied(self, conn: Connection, op_id: OpId) -> None:
+        """Ack only once the broker has applied our interest frames sent so far.
+
+        Otherwise a client could get ``ok`` for a sub, publish through the API at once,
+        and miss its own message because our SUB frame was still in flight.
+        """
+        if op_id is None:
+            return
+        if self.dirty and self.link is not None:
+            self.dirty = False
+            self.link.send(Kind.SYNC)
+            self.waiting.append([(conn, op_id)])
+        elif self.waiting:
+            self.waiting[-1].append((conn, op_id))
+        else:
+            conn.write(ok_line(op_id))
+
+    def hello(self, conn: Connection, op: Hello) -> None:
+        new, lost = self.hub.set_user(conn, op.user)
+        self._interest(Kind.USER_OFF, lost)
+        self._interest(Kind.USER_ON, op.user if new else None)
+        self.ok_when_applied(conn, op.id)
+
+    def subscribe(self, conn: Connection, op: Sub) -> None:
+        if self.hub.subscribe(conn, op.channel):
+            self._interest(Kind.SUB, op.channel)
+        self.ok_when_applied(conn, op.id)
+
+    def unsubscribe(self, conn: Connection, op: Unsub) -> None:
+        if self.hub.unsubscribe(conn, op.channel):
+            self._interest(Kind.UNSUB, op.channel)
+        self.ok(conn, op.id)
+
+    def _interest(self, kind: Kind, key: str | None) -> None:
+        if key is not None and self.link is not None:
+            self.link.send(kind, key)
+            self.dirty = True
+
+    def publish(self, conn: Connection, op: Pub) -> None:
+        if self.link is not None:
+            self.link.send(Kind.PUB, op.channel, _encode_json((conn.user, op.data)))
+        self.ok(conn, op.id)
+
+    def send(self, conn: Connection, op: Send) -> None:
+        if self.link is not None:
+            self.link.send(Kind.SEND, op.user, _encode_json((conn.user, op.data)))
+        self.ok(conn, op.id)
+
+    # --- broker frames ---------------------------------------------------------------
+
+    def on_frame(self, link: Link, kind: int, key: str, payload: bytes) -> None:
+        hub = self.hub
+        if kind == Kind.DELIVER_CHANNEL:
+            self.fanout(hub.channels.get(key, ()), payload)
+        elif kind == Kind.DELIVER_USER:
+            self.fanout(hub.of_user(key), payload)
+        elif kind == Kind.DELIVER_ALL:
+            self.fanout(hub.conns, payload)
+        elif kind == Kind.SYNCED and self.waiting:
+            for conn, op_id in self.waiting.popleft():
+                conn.write(ok_line(op_id))
+
+    def fanout(self, members: Iterable[Connection], line: bytes) -> None:
+        # The hot loop of a broadcast: one write of the same bytes per recipient.
+        sent = dropped = 0
+        for conn in members:
+            transport = conn.transport
+            if transport is None:
+                continue
+            if conn.slow:
+                dropped += 1
+            else:
+                transport.write(line)
+                sent += 1
+        mv = self.mv
+        mv[self.i_out] += sent
+        if dropped:
+            mv[self.i_dropped] += dropped
+
+    # --- run and drain ---------------------------------------------------------------
+
+    async def run(self, listen_sock: socket.socket, link_sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        Connection.worker = self
+        self.link = link = Link(self.on_frame, "broker")
+        await loop.create_unix_connection(lambda: link, sock=link_sock)
+        server = await loop.create_server(
+            Connection, sock=listen_sock, backlog=self.spec.service.backlog
+        )
+        loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
+        link.send(Kind.READY, str(self.pid))
+        stop = asyncio.ensure_future(self.stop_event.wait())
+        await asyncio.wait([stop, link.lost], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        server.close()
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Stop accepting, say bye to every client, close in batches, within the timeout."""
+        self.stopping = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.spec.drain_timeout * 0.8
+        bye = bye_line("shutdown")
+        conns = list(self.hub.conns)
+        for i in range(0, len(conns), DRAIN_BATCH):
+            for conn in conns[i : i + DRAIN_BATCH]:
+                transport = conn.transport
+                if transport is not None:
+                    transport.write(bye)
+                    transport.close()
+            await asyncio.sleep(0)
+        while self.hub.conns and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.hub.conns):
+            if conn.transport is not None:
+                conn.transport.abort()
+        await asyncio.sleep(0)
+
+
+def worker_main(
+    spec: WorkerSpec,
+    listen_sock: socket.socket,
+    link_sock: socket.socket,
+    stats_buffer: memoryview,
+) -> None:
+    """Entry point of a worker process (started by the supervisor's fork server)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(spec.fd_limit, hard), hard))
+    stats = StatsTable(memoryview(stats_buffer), spec.rows)
+    # Everything allocated so far lives forever: keep the collector from touching
+    # (and so un-sharing) those pages.
+    gc.collect()
+    gc.freeze()
+    uvloop.run(Worker(spec, stats).run(listen_sock, link_sock))
