@@ -15,10 +15,15 @@ def _serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the connection server")
     p.add_argument("--config", metavar="FILE", help="TOML config file")
     for opt in (*cfg.SERVICE_OPTIONS, *cfg.GLOBAL_OPTIONS):
-        p.add_argument(opt.flag, dest=opt.key, metavar=opt.key.split(".")[-1].upper(),
-                       help=f"{opt.help} (env {opt.env})")
-    p.add_argument("--ready-file", metavar="FILE",
-                   help="write JSON with the bound ports and pids once ready")
+        p.add_argument(
+            opt.flag,
+            dest=opt.key,
+            metavar=opt.key.split(".")[-1].upper(),
+            help=f"{opt.help} (env {opt.env})",
+        )
+    p.add_argument(
+        "--ready-file", metavar="FILE", help="write JSON with the bound ports and pids once ready"
+    )
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -74,9 +74,7 @@ class LocalBroker(Broker):
         targets = self.channels.get(channel)
         if not targets:
             return 0
-        frame = encode_frame(
-            Kind.DELIVER_CHANNEL, channel, msg_line(channel, seq, sender, data)
-        )
+        frame = encode_frame(Kind.DELIVER_CHANNEL, channel, msg_line(channel, seq, sender, data))
         for link in targets:
             link.send_frame(frame)
         return len(targets)

@@ -1,7 +1,88 @@
+"""``manydoors load``: flags to a plan and options, then the controller."""
+
 from __future__ import annotations
+
 import argparse
+import json
+import resource
+import sys
 from typing import Any
+
+from .controller import Controller, LoadOptions, read_port_range
+from .errors import explain
+from .planner import PlanError, make_plan, parse_ip_range, parse_target
+
+
 def add_parser(sub: Any) -> None:
-    sub.add_parser("load")
+    p = sub.add_parser("load", help="open, hold and exercise many connections")
+    p.add_argument("--target", default="127.0.0.1:7000", help="HOST:PORT or HOST:PORT-PORT")
+    p.add_argument("--connections", type=int, default=1000)
+    p.add_argument("--rate", type=float, default=10_000, help="new connections per second")
+    p.add_argument("--hold", type=float, default=0, help="seconds to hold after the ramp")
+    p.add_argument("--source-ips", help="e.g. 127.0.1.1-127.0.1.64 (default: as needed)")
+    p.add_argument("--processes", default="auto", help="'auto' or a number")
+    p.add_argument("--fd-limit", type=int, help="per-process fd limit (default: hard limit)")
+    p.add_argument("--subscribe", metavar="CHANNEL", help="each connection subscribes")
+    p.add_argument("--raw", action="store_true", help="only connect and hold (no hello)")
+    p.add_argument("--api", help="server API URL, for --broadcasts")
+    p.add_argument("--broadcasts", type=int, default=0, help="messages to publish and time")
+    p.add_argument("--delivery-timeout", type=float, default=30)
+    p.add_argument("--connect-timeout", type=float, default=10)
+    p.add_argument("--report", metavar="FILE", help="write the JSON report here")
+
+
 def run(args: argparse.Namespace) -> int:
-    return 2
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fd_limit = min(args.fd_limit or hard, hard)
+    if args.broadcasts and not args.api:
+        print("load: --broadcasts needs --api", file=sys.stderr)
+        return 2
+    if args.broadcasts > 60:
+        print("load: at most 60 --broadcasts per run", file=sys.stderr)
+        return 2
+    try:
+        processes = None if args.processes == "auto" else int(args.processes)
+        plan = make_plan(
+            args.connections,
+            parse_target(args.target),
+            read_port_range(),
+            fd_limit,
+            parse_ip_range(args.source_ips) if args.source_ips else None,
+            processes,
+        )
+    except (PlanError, ValueError) as exc:
+        print(f"load: {exc}", file=sys.stderr)
+        return 2
+    opts = LoadOptions(
+        rate=args.rate,
+        hold=args.hold,
+        hello=not args.raw,
+        subscribe=args.subscribe,
+        api=args.api,
+        broadcasts=args.broadcasts,
+        delivery_timeout=args.delivery_timeout,
+        connect_timeout=args.connect_timeout,
+        fd_limit=fd_limit,
+    )
+    report = Controller(plan, opts).run()
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=1)
+    c = report["connections"]
+    print(
+        f"load: peak {c['peak']:,} of {c['target']:,}, rate {report['rate_achieved']}/s, "
+        f"connect p99 {report['connect_ms']['p99']} ms",
+        file=sys.stderr,
+    )
+    for name, count in sorted(report["errors"].items(), key=lambda kv: -kv[1]):
+        print(f"load: {count:>9,} {name}: {explain(name)}", file=sys.stderr)
+    for d in report["deliveries"]:
+        print(
+            f"load: message {d['n']}: {d['received']:,}/{d['expected']:,} "
+            f"p50 {d['p50_ms']} ms p99 {d['p99_ms']} ms, {d['per_second']:,}/s",
+            file=sys.stderr,
+        )
+    complete = c["peak"] == c["target"] and all(
+        d["received"] == d["expected"] for d in report["deliveries"]
+    )
+    return 0 if complete and not report["errors"] else 1

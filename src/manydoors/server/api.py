@@ -53,9 +53,7 @@ async def publish(request: web.Request) -> web.Response:
         return _error(400, "bad_json", f"body is not valid JSON: {exc}")
     targets = [body.channel is not None, body.user is not None, body.broadcast]
     if sum(targets) != 1:
-        return _error(
-            400, "bad_target", "give exactly one of: channel, user, broadcast: true"
-        )
+        return _error(400, "bad_target", "give exactly one of: channel, user, broadcast: true")
     broker = sup.broker
     if body.channel is not None:
         workers = broker.publish_channel(body.channel, body.sender, body.data)
@@ -75,8 +73,10 @@ async def healthz(request: web.Request) -> web.Response:
     alive = sum(s.process is not None for p in sup.pools for s in p.slots)
     total = sum(len(p.slots) for p in sup.pools)
     status = "ok" if alive == total and not sup.stopping else "degraded"
-    return _json({"status": status, "workers": alive, "workers_expected": total},
-                 200 if status == "ok" else 503)
+    return _json(
+        {"status": status, "workers": alive, "workers_expected": total},
+        200 if status == "ok" else 503,
+    )
 
 
 class _Collector:
@@ -119,9 +119,9 @@ class _Collector:
             ("closed", "Connections closed by the server, by reason", "closed"),
             ("errors", "Error events sent to clients, by code", "errors"),
         ):
-            family = CounterMetricFamily(f"manydoors_{name}", help_, labels=[
-                "reason" if key != "errors" else "code"
-            ])
+            family = CounterMetricFamily(
+                f"manydoors_{name}", help_, labels=["reason" if key != "errors" else "code"]
+            )
             for label, value in s[key].items():
                 family.add_metric([label], value)
             yield family

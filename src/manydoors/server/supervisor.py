@@ -15,6 +15,7 @@ accepted by the new worker instead of being reset.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import json
@@ -168,8 +169,12 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         mine, theirs = socket.socketpair()
         spec = WorkerSpec(
-            pool.service, slot.index, len(pool.slots), self.fd_limit,
-            self.config.fd_reserve, self.config.drain_timeout,
+            pool.service,
+            slot.index,
+            len(pool.slots),
+            self.fd_limit,
+            self.config.fd_reserve,
+            self.config.drain_timeout,
         )
         proc = self.ctx.Process(
             target=worker_main,
@@ -278,10 +283,8 @@ class Supervisor:
         procs = [s.process for p in self.pools for s in p.slots if s.process is not None]
         for proc in procs:
             if proc.pid is not None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
         deadline = time.monotonic() + self.config.drain_timeout
         while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -364,5 +367,3 @@ def _rss(pid: int | None) -> int | None:
             return int(f.read().split()[1]) * resource.getpagesize()
     except OSError:
         return None
-
-

@@ -106,7 +106,9 @@ class Worker:
             return
         if self.stats.total(CONNECTIONS) >= self.max_connections:
             self.refuse(
-                conn, transport, "server_full",
+                conn,
+                transport,
+                "server_full",
                 f"service is at max_connections ({self.max_connections})",
             )
             return
@@ -118,9 +120,7 @@ class Worker:
         welcome = Welcome(f"{self.pid}-{self.next_conn}", self.spec.service.name, self.spec.slot)
         transport.write(encode(welcome))
 
-    def refuse(
-        self, conn: Connection, transport: asyncio.Transport, why: str, reason: str
-    ) -> None:
+    def refuse(self, conn: Connection, transport: asyncio.Transport, why: str, reason: str) -> None:
         conn.transport = None  # never admitted: connection_lost must not release it
         self.mv[self.i_refused[why]] += 1
         self.mv[self.i_error["server_full"]] += 1

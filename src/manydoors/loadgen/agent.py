@@ -1,0 +1,337 @@
+"""One load process: opens its share of connections, holds them, counts what arrives.
+
+Lean by design so that it is never the bottleneck: a held connection is a uvloop
+transport and a slotted protocol object; there is no task or stream per connection
+(a short coroutine exists only while a connect is in flight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import gc
+import os
+import resource
+import signal
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass
+from multiprocessing.connection import Connection as Pipe
+from typing import Any, Final, cast
+
+import msgspec
+import uvloop
+
+from ..protocol.framing import TOO_LONG, LineFramer
+from .planner import AgentPlan
+
+IP_BIND_ADDRESS_NO_PORT: Final = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+MAX_IN_FLIGHT: Final = 1024  # connects outstanding per process
+TICK: Final = 0.005
+REPORT_EVERY: Final = 0.5
+LINE_LIMIT: Final = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class AgentOptions:
+    rate: float  # connections per second for this process
+    hello: bool
+    subscribe: str | None
+    connect_timeout: float
+    fd_limit: int
+
+
+class Event(msgspec.Struct):
+    ev: str
+    id: int | None = None
+    code: str | None = None
+    reason: str | None = None
+    data: msgspec.Raw = msgspec.Raw(b"")  # Raw cannot be in a union; empty means absent
+
+
+class Stamp(msgspec.Struct):
+    """The payload the controller publishes: its send time and its number."""
+
+    t: float
+    n: int
+
+
+_decode_event: Final = msgspec.json.Decoder(Event).decode
+_decode_stamp: Final = msgspec.json.Decoder(Stamp).decode
+
+
+class LoadConn(LineFramer):
+    """One held connection: its socket and what has arrived on it.
+
+    Sockets are driven with add_writer/add_reader callbacks rather than transports
+    created by coroutines: opening a connection is then a few synchronous calls, which
+    is what lets one process open tens of thousands per second.
+    """
+
+    __slots__ = ("got", "ready", "sock", "started")
+
+    def __init__(self, sock: socket.socket, started: float) -> None:
+        LineFramer.__init__(self)
+        self.sock = sock
+        self.started = started
+        self.got = 0  # bit n set: message number n arrived
+        self.ready = False
+
+
+def _errno_name(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "ETIMEDOUT"
+    code = getattr(exc, "errno", None)
+    if code:
+        return errno.errorcode.get(code, f"errno {code}")
+    return type(exc).__name__
+
+
+class Agent:
+    def __init__(self, plan: AgentPlan, opts: AgentOptions, pipe: Pipe) -> None:
+        self.plan = plan
+        self.opts = opts
+        self.pipe = pipe
+        self.conns: set[LoadConn] = set()
+        self.connecting: dict[int, LoadConn] = {}  # fd -> connection being opened
+        self.open_now = 0
+        self.attempted = 0
+        self.ready = 0
+        self.errors: Counter[str] = Counter()
+        self.closed: Counter[str] = Counter()
+        self.connect_hist: Counter[int] = Counter()  # 0.1 ms buckets
+        self.received: Counter[int] = Counter()  # message number -> connections that got it
+        self.latency: dict[int, Counter[int]] = {}  # message number -> 1 ms buckets
+        self.duplicates = 0
+        self.ramp_done = False
+        self.peak = 0
+        self.stop = asyncio.Event()
+        last = 2 if opts.subscribe else 1
+        self.ready_id = last if opts.hello else None
+
+    # --- per line -------------------------------------------------------------------
+
+    def on_line(self, conn: LoadConn, line: bytes) -> None:
+        try:
+            ev = _decode_event(line)
+        except msgspec.DecodeError:
+            self.errors["bad_line"] += 1
+            return
+        kind = ev.ev
+        if kind == "msg" or kind == "broadcast" or kind == "dm":
+            now = time.time()
+            try:
+                stamp = _decode_stamp(ev.data) if len(ev.data) else None
+            except msgspec.DecodeError:
+                stamp = None
+            if stamp is None:
+                self.received[0] += 1
+                return
+            bit = 1 << stamp.n
+            if conn.got & bit:
+                self.duplicates += 1
+                return
+            conn.got |= bit
+            self.received[stamp.n] += 1
+            hist = self.latency.get(stamp.n)
+            if hist is None:
+                hist = self.latency[stamp.n] = Counter()
+            hist[int((now - stamp.t) * 1000)] += 1
+        elif kind == "ok":
+            if ev.id == self.ready_id and not conn.ready:
+                conn.ready = True
+                self.ready += 1
+        elif kind == "error":
+            self.errors[ev.code or "error"] += 1
+        elif kind == "bye":
+            self.closed[ev.reason or "bye"] += 1
+        elif kind == "welcome" and self.ready_id is None and not conn.ready:
+            conn.ready = True
+            self.ready += 1
+
+    def close(self, conn: LoadConn, error: str | None) -> None:
+        """Forget a connection (open or connecting), counting why it ended."""
+        loop = asyncio.get_running_loop()
+        sock = conn.sock
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        if self.connecting.pop(fd, None) is not None:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+            self.open_now -= 1
+            self.conns.discard(conn)
+        if conn.ready:
+            conn.ready = False
+            self.ready -= 1
+        sock.close()
+        if error is not None:
+            self.errors[error] += 1
+
+    # --- ramp -----------------------------------------------------------------------
+
+    def greeting(self, user: int) -> bytes:
+        if not self.opts.hello:
+            return b""
+        line = b'{"op":"hello","user":"u%d","id":1}\n' % user
+        if self.opts.subscribe:
+            line += msgspec.json.encode({"op": "sub", "channel": self.opts.subscribe, "id": 2})
+            line += b"\n"
+        return line
+
+    def open_one(self, src: str, dst: str, port: int, user: int) -> None:
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as exc:
+            self.errors[_errno_name(exc)] += 1
+            return
+        conn = LoadConn(sock, time.perf_counter())
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((src, 0))
+            sock.setblocking(False)
+            code = sock.connect_ex((dst, port))
+        except OSError as exc:
+            sock.close()
+            self.errors[_errno_name(exc)] += 1
+            return
+        if code not in (0, errno.EINPROGRESS):
+            sock.close()
+            self.errors[errno.errorcode.get(code, str(code))] += 1
+            return
+        self.connecting[sock.fileno()] = conn
+        asyncio.get_running_loop().add_writer(sock.fileno(), self.on_connected, conn, user)
+
+    def on_connected(self, conn: LoadConn, user: int) -> None:
+        loop = asyncio.get_running_loop()
+        sock = conn.sock
+        fd = sock.fileno()
+        loop.remove_writer(fd)
+        del self.connecting[fd]
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            sock.close()
+            self.errors[errno.errorcode.get(code, str(code))] += 1
+            return
+        self.connect_hist[int((time.perf_counter() - conn.started) * 10_000)] += 1
+        self.open_now += 1
+        self.peak = max(self.peak, self.open_now)
+        self.conns.add(conn)
+        greeting = self.greeting(user)
+        if greeting:
+            sock.send(greeting)  # a few dozen bytes into an empty buffer: never short
+        loop.add_reader(fd, self.on_readable, conn)
+
+    def on_readable(self, conn: LoadConn) -> None:
+        try:
+            data = conn.sock.recv(262144)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close(conn, _errno_name(exc))
+            return
+        if not data:
+            self.close(conn, None if self.stop.is_set() else "closed_by_server")
+            return
+        for line in conn.feed_lines(data, LINE_LIMIT):
+            if line is not TOO_LONG:
+                self.on_line(conn, cast(bytes, line))
+
+    def sweep(self) -> None:
+        """Fail connects that have been in flight longer than the timeout."""
+        limit = time.perf_counter() - self.opts.connect_timeout
+        for conn in [c for c in self.connecting.values() if c.started < limit]:
+            self.close(conn, "ETIMEDOUT")
+
+    async def ramp(self) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        user = self.plan.first_user
+        last_sweep = start
+        for lane in self.plan.lanes:
+            left = lane.count
+            while left and not self.stop.is_set():
+                now = loop.time()
+                due = int((now - start) * self.opts.rate) + 1 - self.attempted
+                room = MAX_IN_FLIGHT - len(self.connecting)
+                for _ in range(max(0, min(due, room, left))):
+                    self.open_one(lane.src, lane.dst, lane.port, user)
+                    self.attempted += 1
+                    user += 1
+                    left -= 1
+                if now - last_sweep > 0.5:
+                    self.sweep()
+                    last_sweep = now
+                await asyncio.sleep(TICK)
+        while self.connecting and not self.stop.is_set():
+            self.sweep()
+            await asyncio.sleep(0.05)
+        self.ramp_done = True
+
+    # --- reporting ------------------------------------------------------------------
+
+    def snapshot(self, final: bool = False) -> dict[str, Any]:
+        snap: dict[str, Any] = {
+            "agent": self.plan.index,
+            "planned": self.plan.count,
+            "attempted": self.attempted,
+            "open": self.open_now,
+            "peak": self.peak,
+            "ready": self.ready,
+            "errors": dict(self.errors),
+            "closed": dict(self.closed),
+            "received": dict(self.received),
+            "duplicates": self.duplicates,
+            "ramp_done": self.ramp_done,
+            "rss_bytes": _rss(),
+            "final": final,
+        }
+        if final:
+            snap["connect_hist"] = dict(self.connect_hist)
+            snap["latency"] = {n: dict(h) for n, h in self.latency.items()}
+        return snap
+
+    async def report_loop(self) -> None:
+        while not self.stop.is_set():
+            self.pipe.send(self.snapshot())
+            await asyncio.sleep(REPORT_EVERY)
+
+    def on_command(self) -> None:
+        try:
+            cmd = self.pipe.recv()
+        except EOFError:
+            cmd = "stop"
+        if cmd == "stop":
+            self.stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.pipe.fileno(), self.on_command)
+        loop.add_signal_handler(signal.SIGTERM, self.stop.set)
+        reporter = loop.create_task(self.report_loop())
+        ramp = loop.create_task(self.ramp())
+        await self.stop.wait()
+        ramp.cancel()
+        reporter.cancel()
+        for conn in [*self.conns, *self.connecting.values()]:
+            self.close(conn, None)
+        loop.remove_reader(self.pipe.fileno())
+        self.pipe.send(self.snapshot(final=True))
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def agent_main(plan: AgentPlan, opts: AgentOptions, pipe: Pipe) -> None:
+    """Entry point of one load process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller stops us
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(opts.fd_limit, hard), hard))
+    gc.collect()
+    gc.freeze()
+    uvloop.run(Agent(plan, opts, pipe).run())
+    os._exit(0)

@@ -1,0 +1,300 @@
+"""The load controller: plans, starts the load processes, ramps, holds, broadcasts, reports."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection as Pipe
+from multiprocessing.connection import wait as wait_pipes
+from typing import Any, TextIO
+
+from .agent import AgentOptions, agent_main
+from .errors import explain
+from .planner import Plan
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOptions:
+    rate: float
+    hold: float
+    hello: bool
+    subscribe: str | None
+    api: str | None
+    broadcasts: int
+    delivery_timeout: float
+    connect_timeout: float
+    fd_limit: int
+
+
+def read_port_range(root: str = "/") -> tuple[int, int]:
+    with open(os.path.join(root, "proc/sys/net/ipv4/ip_local_port_range")) as f:
+        lo, hi = f.read().split()
+    return int(lo), int(hi)
+
+
+def machine_info() -> dict[str, Any]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    mem = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    return {
+        "cores": os.cpu_count(),
+        "memory_bytes": mem,
+        "kernel": platform.release(),
+        "fd_limit": {"soft": soft, "hard": hard},
+        "port_range": list(read_port_range()),
+    }
+
+
+def percentiles(hist: Counter[int], scale: float) -> dict[str, float | None]:
+    """p50/p90/p99/max of a bucketed histogram; ``scale`` turns buckets into ms."""
+    total = sum(hist.values())
+    if not total:
+        return {"p50": None, "p90": None, "p99": None, "max": None}
+    out: dict[str, float | None] = {}
+    marks = [("p50", 0.50), ("p90", 0.90), ("p99", 0.99)]
+    seen = 0
+    keys = sorted(hist)
+    i = 0
+    for bucket in keys:
+        seen += hist[bucket]
+        while i < len(marks) and seen >= marks[i][1] * total:
+            out[marks[i][0]] = round(bucket * scale, 3)
+            i += 1
+    out["max"] = round(keys[-1] * scale, 3)
+    return out
+
+
+class Controller:
+    def __init__(self, plan: Plan, opts: LoadOptions, out: TextIO | None = None) -> None:
+        self.plan = plan
+        self.opts = opts
+        self.out = out or sys.stderr
+        self.pipes: list[Pipe] = []
+        self.procs: list[Any] = []
+        self.latest: dict[int, dict[str, Any]] = {}
+        self.timeline: list[dict[str, Any]] = []
+        self.t0 = time.time()
+        self.deliveries: list[dict[str, Any]] = []
+
+    def say(self, line: str) -> None:
+        print(f"load: {line}", file=self.out, flush=True)
+
+    def start(self) -> None:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["manydoors.loadgen.agent"])
+        rate = self.opts.rate / len(self.plan.agents)
+        agent_opts = AgentOptions(
+            rate,
+            self.opts.hello,
+            self.opts.subscribe,
+            self.opts.connect_timeout,
+            self.opts.fd_limit,
+        )
+        for agent in self.plan.agents:
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(
+                target=agent_main,
+                args=(agent, agent_opts, theirs),
+                name=f"manydoors-load-{agent.index}",
+            )
+            proc.start()
+            theirs.close()
+            self.pipes.append(mine)
+            self.procs.append(proc)
+
+    def poll(self, timeout: float) -> None:
+        """Take in every progress report that arrives within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            ready = wait_pipes(self.pipes, timeout=max(0.0, left))
+            for pipe in ready:
+                try:
+                    snap = pipe.recv()
+                except EOFError:
+                    continue
+                self.latest[snap["agent"]] = snap
+            if left <= 0:
+                break
+
+    def total(self, key: str) -> int:
+        return sum(s[key] for s in self.latest.values())
+
+    def errors(self) -> Counter[str]:
+        c: Counter[str] = Counter()
+        for s in self.latest.values():
+            c.update(s["errors"])
+        return c
+
+    def sample(self) -> dict[str, Any]:
+        s = {
+            "t": round(time.time() - self.t0, 3),
+            "open": self.total("open"),
+            "ready": self.total("ready"),
+            "attempted": self.total("attempted"),
+            "errors": sum(self.errors().values()),
+            "rss_bytes": self.total("rss_bytes"),
+        }
+        self.timeline.append(s)
+        return s
+
+    def ramp(self) -> float:
+        """Wait until every process has attempted its share; return the ramp seconds."""
+        start = time.time()
+        last_print = 0.0
+        while True:
+            self.poll(0.5)
+            s = self.sample()
+            done = len(self.latest) == len(self.procs) and all(
+                x["ramp_done"] for x in self.latest.values()
+            )
+            # Acks arrive after the connect: wait for them a little past the last connect.
+            settled = s["ready"] + sum(self.errors().values()) >= self.plan.connections
+            if time.time() - last_print > 1 or done:
+                last_print = time.time()
+                self.say(
+                    f"open {s['open']:,}/{self.plan.connections:,} ready {s['ready']:,} "
+                    f"errors {s['errors']:,} load rss {s['rss_bytes'] / 2**20:.0f} MiB"
+                )
+            if done and (settled or not self.opts.hello):
+                return time.time() - start
+            if done and time.time() - start > self.opts.connect_timeout + 60:
+                return time.time() - start
+            if not all(p.is_alive() for p in self.procs):
+                self.say("a load process died")
+                return time.time() - start
+
+    def publish(self, n: int) -> None:
+        assert self.opts.api
+        stamp = {"t": time.time(), "n": n}
+        target: dict[str, Any] = (
+            {"channel": self.opts.subscribe} if self.opts.subscribe else {"broadcast": True}
+        )
+        body = json.dumps({**target, "data": stamp}).encode()
+        req = urllib.request.Request(
+            self.opts.api.rstrip("/") + "/api/publish",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            resp.read()
+
+    def broadcast_round(self, n: int) -> dict[str, Any]:
+        expected = self.total("ready")
+        t_pub = time.time()
+        self.publish(n)
+        deadline = time.monotonic() + self.opts.delivery_timeout
+        received = 0
+        while time.monotonic() < deadline:
+            self.poll(0.2)
+            received = sum(s["received"].get(n, 0) for s in self.latest.values())
+            if received >= expected:
+                break
+        took = time.time() - t_pub
+        self.say(f"message {n}: {received:,}/{expected:,} received in {took:.2f} s")
+        return {"n": n, "expected": expected, "received": received, "seconds": round(took, 3)}
+
+    def stop(self) -> list[dict[str, Any]]:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send("stop")
+        finals: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + 30
+        while len(finals) < len(self.pipes) and time.monotonic() < deadline:
+            for pipe in wait_pipes(self.pipes, timeout=1):
+                try:
+                    snap = pipe.recv()
+                except EOFError:
+                    continue
+                if snap["final"]:
+                    finals[snap["agent"]] = snap
+                self.latest[snap["agent"]] = snap
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        return list(finals.values())
+
+    def run(self) -> dict[str, Any]:
+        self.say(self.plan.describe())
+        self.start()
+        rounds: list[dict[str, Any]] = []
+        try:
+            ramp_s = self.ramp()
+            peak = self.total("open")
+            hold_until = time.monotonic() + self.opts.hold
+            if self.opts.api and self.opts.broadcasts:
+                for n in range(1, self.opts.broadcasts + 1):
+                    rounds.append(self.broadcast_round(n))
+            while time.monotonic() < hold_until:
+                self.poll(min(1.0, max(0.0, hold_until - time.monotonic())))
+                self.sample()
+            final_open = self.total("open")
+        finally:
+            finals = self.stop()
+        return self.report(finals, rounds, ramp_s, peak, final_open)
+
+    def report(
+        self,
+        finals: list[dict[str, Any]],
+        rounds: list[dict[str, Any]],
+        ramp_s: float,
+        peak: int,
+        final_open: int,
+    ) -> dict[str, Any]:
+        connect: Counter[int] = Counter()
+        latency: dict[int, Counter[int]] = {}
+        for f in finals:
+            connect.update({int(k): v for k, v in f["connect_hist"].items()})
+            for n, hist in f["latency"].items():
+                latency.setdefault(int(n), Counter()).update({int(k): v for k, v in hist.items()})
+        deliveries = []
+        for r in rounds:
+            p = percentiles(latency.get(r["n"], Counter()), 1.0)
+            secs = max(r["seconds"], 1e-9)
+            deliveries.append(
+                {
+                    "n": r["n"],
+                    "expected": r["expected"],
+                    "received": r["received"],
+                    "p50_ms": p["p50"],
+                    "p99_ms": p["p99"],
+                    "max_ms": p["max"],
+                    "per_second": round(r["received"] / secs),
+                }
+            )
+        errors = self.errors()
+        ok = self.total("attempted") - sum(v for k, v in errors.items() if k.startswith("E"))
+        return {
+            "machine": machine_info(),
+            "plan": {
+                "connections": self.plan.connections,
+                "targets": [f"{h}:{p}" for h, p in self.plan.targets],
+                "source_ips": len(self.plan.source_ips),
+                "processes": len(self.plan.agents),
+                "lanes": [asdict(lane) for a in self.plan.agents for lane in a.lanes],
+            },
+            "connections": {"target": self.plan.connections, "peak": peak, "final": final_open},
+            "connect_ms": percentiles(connect, 0.1),
+            "rate_achieved": round(ok / ramp_s) if ramp_s else None,
+            "ramp_seconds": round(ramp_s, 3),
+            "errors": dict(errors),
+            "errors_explained": {k: explain(k) for k in errors},
+            "duplicates": self.total("duplicates"),
+            "deliveries": deliveries,
+            "load_rss_bytes": self.total("rss_bytes"),
+            "timeline": self.timeline,
+        }

@@ -1,0 +1,25 @@
+"""One sentence per error the load generator can meet, so every count is explained."""
+
+from __future__ import annotations
+
+EXPLAIN: dict[str, str] = {
+    "EADDRNOTAVAIL": "a (source IP, target) 4-tuple ran out of ephemeral ports: "
+    "add source IPs (--source-ips) or target ports, or widen ip_local_port_range",
+    "EADDRINUSE": "the source address and port are taken: add source IPs",
+    "EMFILE": "a load process reached its fd limit: use more --processes or raise RLIMIT_NOFILE",
+    "ENFILE": "the system-wide file table is full: raise fs.file-max",
+    "ECONNREFUSED": "nothing is listening on the target, or its listen backlog is full",
+    "ETIMEDOUT": "the connect did not complete in time: the server is overloaded or its "
+    "SYN backlog (net.ipv4.tcp_max_syn_backlog, somaxconn) overflowed",
+    "ECONNRESET": "the server reset the connection (killed worker, full backlog, or abort)",
+    "EPIPE": "wrote to a connection the server had already closed",
+    "ENOBUFS": "the kernel ran out of socket buffer memory (tcp_mem)",
+    "ENOMEM": "the kernel ran out of memory for sockets",
+    "server_full": "the server answered server_full: it is at max_connections or a "
+    "worker is at its fd limit",
+    "bad_line": "the server sent a line that is not a JSON event",
+}
+
+
+def explain(name: str) -> str:
+    return EXPLAIN.get(name, "see errno(3)" if name.startswith("E") else "server error code")
