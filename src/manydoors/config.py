@@ -19,6 +19,24 @@ class ConfigError(ValueError):
 
 PROTOCOLS: Final = ("tcp",)
 
+# What each field annotation (a string here, see the __future__ import) accepts; a TOML
+# file can give any key any type, and bool is an int to isinstance.
+_TYPES: Final[dict[str, tuple[tuple[type, ...], str]]] = {
+    "str": ((str,), "a string"),
+    "int": ((int,), "an integer"),
+    "int | None": ((int, type(None)), "an integer"),
+    "float": ((int, float), "a number"),
+}
+
+
+def _check_types(obj: Any, where: str) -> None:
+    """Reject a value of the wrong type with a message naming its key."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        want = _TYPES.get(str(f.type))
+        if want is not None and (isinstance(value, bool) or not isinstance(value, want[0])):
+            raise ConfigError(f"{where}: {f.name} must be {want[1]}, not {value!r}")
+
 
 @dataclass(frozen=True, slots=True)
 class ServiceConfig:
@@ -36,6 +54,7 @@ class ServiceConfig:
     max_bad_messages: int = 10  # consecutive bad lines before the connection is closed
 
     def __post_init__(self) -> None:
+        _check_types(self, f"service {self.name}")
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"service name {self.name!r}: use letters, digits, - and _")
         if not 0 <= self.port <= 65535:
@@ -57,6 +76,7 @@ class ApiConfig:
     port: int = 7080
 
     def __post_init__(self) -> None:
+        _check_types(self, "api")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"api: port {self.port} is not in 0-65535")
 
@@ -72,6 +92,7 @@ class Config:
     fd_reserve: int = 64
 
     def __post_init__(self) -> None:
+        _check_types(self, "config")
         if not self.services:
             raise ConfigError("at least one [[service]] is needed")
         names = [s.name for s in self.services]
@@ -80,7 +101,7 @@ class Config:
         ports = [(s.host, s.port) for s in self.services if s.port]
         if len(set(ports)) != len(ports):
             raise ConfigError(f"two services listen on the same address: {ports}")
-        if self.drain_timeout <= 0:
+        if not self.drain_timeout > 0:  # also catches NaN
             raise ConfigError("drain_timeout must be positive")
         if self.fd_limit is not None and self.fd_limit <= self.fd_reserve + 1:
             raise ConfigError(f"fd_limit {self.fd_limit} leaves no room beside fd_reserve")
@@ -89,10 +110,14 @@ class Config:
 def _workers(value: Any) -> int | None:
     if value in ("auto", None):
         return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"workers must be 'auto' or a number, not {value!r}") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):  # from env or a flag
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"workers must be 'auto' or a number, not {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +212,8 @@ def load(
     service_keys = {f.name for f in fields(ServiceConfig)}
     services: list[dict[str, Any]] = []
     for i, table in enumerate(service_tables):
+        if not isinstance(table, dict):
+            raise ConfigError(f"[[service]] #{i + 1}: expected a table, not {table!r}")
         bad = set(table) - service_keys
         if bad:
             raise ConfigError(f"[[service]] #{i + 1}: unknown keys {sorted(bad)}")
@@ -196,7 +223,13 @@ def load(
         services.append(svc)
 
     top: dict[str, Any] = {k: v for k, v in doc.items() if k not in ("api", "service")}
-    api: dict[str, Any] = dict(doc.get("api", {}))
+    api_table = doc.get("api", {})
+    if not isinstance(api_table, dict):
+        raise ConfigError(f"[api]: expected a table, not {api_table!r}")
+    bad = set(api_table) - {f.name for f in fields(ApiConfig)}
+    if bad:
+        raise ConfigError(f"[api]: unknown keys {sorted(bad)}")
+    api: dict[str, Any] = dict(api_table)
     overrides: dict[str, Any] = {}
     for opts in (SERVICE_OPTIONS, GLOBAL_OPTIONS):
         for opt in opts:

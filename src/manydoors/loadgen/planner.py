@@ -92,7 +92,8 @@ def parse_ip_range(text: str) -> tuple[str, ...]:
             raise PlanError(f"source IPs {part!r}: {exc}") from None
         if int(hi) < int(lo) or lo.version != hi.version:
             raise PlanError(f"source IPs {part!r}: the range is empty")
-        out.extend(str(ipaddress.ip_address(i)) for i in range(int(lo), int(hi) + 1))
+        # ip_address(int) would make an IPv4 address of a small IPv6 one (::1 -> 0.0.0.1)
+        out.extend(str(type(lo)(i)) for i in range(int(lo), int(hi) + 1))
     return tuple(out)
 
 
@@ -113,8 +114,12 @@ def make_plan(
 ) -> Plan:
     if connections < 1:
         raise PlanError("connections must be at least 1")
+    if not targets:
+        raise PlanError("no target to connect to")
     lo, hi = port_range
     lane_capacity = int((hi - lo + 1) * LANE_FILL)
+    if lane_capacity < 1:
+        raise PlanError(f"ephemeral port range {lo}-{hi} leaves no ports for connections")
     per_ip = lane_capacity * len(targets)
     if source_ips is None:
         if not all(ipaddress.ip_address(h).is_loopback for h, _ in targets):

@@ -70,7 +70,9 @@ class LineFramer:
             self._partial = None  # still inside an oversized line
         else:
             pending = partial + tail if partial else tail
-            if len(pending) > limit:
+            size = len(pending)
+            # A trailing \r may be the first half of \r\n, which does not count.
+            if size > limit and (size > limit + 1 or not pending.endswith(b"\r")):
                 out.append(TOO_LONG)
                 self._partial = None
             else:

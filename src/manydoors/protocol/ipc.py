@@ -64,7 +64,11 @@ class IpcParser:
             stop = start + klen + plen
             if stop > end:
                 break
-            key = bytes(buf[start : start + klen]).decode()
+            raw_key = bytes(buf[start : start + klen])
+            try:
+                key = raw_key.decode()
+            except UnicodeDecodeError:
+                raise FrameError(f"frame key {raw_key!r} is not UTF-8") from None
             out.append((kind, key, bytes(buf[start + klen : stop])))
             pos = stop
         if pos:

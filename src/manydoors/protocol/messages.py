@@ -95,6 +95,13 @@ def _salvage_id(line: bytes) -> OpId:
 
 def decode_op(line: bytes) -> ClientOp:
     """Decode one line into a client op or raise ProtocolError with a specific code."""
+    if not line.isascii():
+        # msgspec would raise UnicodeDecodeError for a bad name and copy bad bytes of
+        # ``data`` verbatim into the events every recipient gets: check UTF-8 first.
+        try:
+            line.decode()
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("bad_json", f"not valid UTF-8 (byte {exc.start})") from None
     try:
         return _op_decoder.decode(line)
     except msgspec.ValidationError as exc:

@@ -52,9 +52,8 @@ class Connection(LineFramer, asyncio.Protocol):
         self.worker.admit(self, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.transport is not None:
-            self.transport = None
-            self.worker.release(self)
+        self.transport = None
+        self.worker.release(self)
 
     def pause_writing(self) -> None:
         self.slow = True

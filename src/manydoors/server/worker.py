@@ -20,7 +20,7 @@ import socket
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 import msgspec
 import uvloop
@@ -46,6 +46,7 @@ from .hub import Hub
 from .link import Link
 from .stats import COL, CONNECTIONS, StatsTable
 
+HEADROOM: Final = 8  # fds kept free for refusals and the odd file
 DRAIN_BATCH: Final = 2000  # connections closed per loop iteration while draining
 _encode_json: Final = msgspec.json.Encoder().encode
 
@@ -73,7 +74,8 @@ class Worker:
         self.max_bad_messages = svc.max_bad_messages
         self.max_outbound_bytes = svc.max_outbound_bytes
         self.max_connections = svc.max_connections
-        self.cap = spec.fd_limit - spec.fd_reserve
+        self.cap = spec.fd_limit - spec.fd_reserve  # lowered in run() to what is really free
+        self.admitted = 0
         self.pid = os.getpid()
         self.next_conn = 0
         self.stopping = False
@@ -95,40 +97,37 @@ class Worker:
 
     # --- connection lifecycle --------------------------------------------------------
 
-    def admit(self, conn: Connection, transport: asyncio.Transport) -> None:
-        mv = self.mv
+    def accept(self) -> asyncio.Protocol:
+        """Protocol factory, called by uvloop synchronously for each accepted socket.
+
+        Admission is decided here, not in connection_made: uvloop accepts a whole
+        burst before any connection_made runs, and only a count kept at accept time
+        stops a burst from running the worker out of fds.
+        """
         if self.stopping:
-            conn.transport = None
-            transport.close()
-            return
-        if len(self.hub.conns) >= self.cap:
-            self.refuse(conn, transport, "worker_full", "this worker is at its fd limit")
-            return
-        if self.stats.total(CONNECTIONS) >= self.max_connections:
-            self.refuse(
-                conn,
-                transport,
-                "server_full",
-                f"service is at max_connections ({self.max_connections})",
+            return Refusal("server_full", "the server is shutting down", None)
+        if self.admitted >= self.cap:
+            return Refusal(
+                "server_full", "this worker is at its fd limit", self.i_refused["worker_full"]
             )
-            return
+        if self.stats.total(CONNECTIONS) >= self.max_connections:
+            reason = f"service is at max_connections ({self.max_connections})"
+            return Refusal("server_full", reason, self.i_refused["server_full"])
+        self.admitted += 1
+        self.mv[self.i_conn] += 1
+        return Connection()
+
+    def admit(self, conn: Connection, transport: asyncio.Transport) -> None:
         self.hub.add(conn)
-        mv[self.i_conn] += 1
-        mv[self.i_accepted] += 1
+        self.mv[self.i_accepted] += 1
         transport.set_write_buffer_limits(high=self.max_outbound_bytes)
         self.next_conn += 1
         welcome = Welcome(f"{self.pid}-{self.next_conn}", self.spec.service.name, self.spec.slot)
         transport.write(encode(welcome))
 
-    def refuse(self, conn: Connection, transport: asyncio.Transport, why: str, reason: str) -> None:
-        conn.transport = None  # never admitted: connection_lost must not release it
-        self.mv[self.i_refused[why]] += 1
-        self.mv[self.i_error["server_full"]] += 1
-        transport.write(error_line("server_full", reason))
-        transport.close()
-
     def release(self, conn: Connection) -> None:
         lost, gone = self.hub.remove(conn)
+        self.admitted -= 1
         self.mv[self.i_conn] -= 1
         link = self.link
         if link is not None:
@@ -246,8 +245,12 @@ class Worker:
         Connection.worker = self
         self.link = link = Link(self.on_frame, "broker")
         await loop.create_unix_connection(lambda: link, sock=link_sock)
+        # Whatever happens, keep HEADROOM fds free so that a refusal can still be
+        # accepted and answered; libuv's reserve-fd trick (accept and close) is only
+        # the last line of defence, for fds that something else used up.
+        self.cap = min(self.cap, self.spec.fd_limit - _open_fds() - HEADROOM)
         server = await loop.create_server(
-            Connection, sock=listen_sock, backlog=self.spec.service.backlog
+            self.accept, sock=listen_sock, backlog=self.spec.service.backlog
         )
         loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
         link.send(Kind.READY, str(self.pid))
@@ -277,6 +280,30 @@ class Worker:
             if conn.transport is not None:
                 conn.transport.abort()
         await asyncio.sleep(0)
+
+
+class Refusal(asyncio.Protocol):
+    """The protocol of a connection that is refused: one error line, then close."""
+
+    __slots__ = ("counter", "reason", "why")
+
+    def __init__(self, why: str, reason: str, counter: int | None) -> None:
+        self.why = why
+        self.reason = reason
+        self.counter = counter
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        worker = Connection.worker
+        if self.counter is not None:
+            worker.mv[self.counter] += 1
+            worker.count_error(self.why)
+        tr = cast(asyncio.Transport, transport)
+        tr.write(error_line(self.why, self.reason))
+        tr.close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 def worker_main(

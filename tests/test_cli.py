@@ -1,0 +1,35 @@
+"""The CLI called in-process: ``main(argv) -> int``."""
+
+from __future__ import annotations
+
+import socket
+
+from manydoors.cli import main
+
+
+def test_config_error_exits_2_with_a_reason(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[service]]\nname = "x"\nprotocol = "udp"\n')
+    assert main(["serve", "--config", str(bad)]) == 2
+    assert "protocol 'udp'" in capsys.readouterr().err
+
+
+def test_missing_config_file_exits_2(tmp_path, capsys):
+    assert main(["serve", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "cannot read config" in capsys.readouterr().err
+
+
+def test_port_in_use_is_a_clear_startup_error(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--api-port", "0"]) == 1
+    assert f"cannot listen on 127.0.0.1:{port}: is in use" in capsys.readouterr().err
+
+
+def test_load_refuses_a_plan_that_cannot_reach_the_count(capsys):
+    code = main(["load", "--connections", "100000", "--source-ips", "127.0.1.1",
+                 "--target", "127.0.0.1:1"])
+    assert code == 2
+    assert "Use at least" in capsys.readouterr().err

@@ -1,0 +1,35 @@
+"""25,000 connections held and messaged: two workers, two load processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from conftest import manydoors_cmd
+
+
+def test_25k_connections_held_subscribed_and_broadcast_to(serve, tmp_path):
+    server = serve("--workers", "2", "--max-connections", "26000")
+    report_path = tmp_path / "load.json"
+    result = subprocess.run(
+        manydoors_cmd(
+            "load", "--target", f"127.0.0.1:{server.port()}", "--connections", "25000",
+            "--processes", "2", "--rate", "20000", "--subscribe", "veg",
+            "--api", server.api, "--broadcasts", "2", "--report", str(report_path),
+        ),
+        capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(report_path.read_text())
+    assert report["connections"]["peak"] == 25000
+    assert report["errors"] == {}
+    assert report["duplicates"] == 0
+    assert report["plan"]["processes"] == 2
+    for delivery in report["deliveries"]:
+        assert delivery["expected"] == 25000
+        assert delivery["received"] == 25000
+    stats = server.stats()
+    workers = stats["services"][0]["workers"]
+    assert len(workers) == 2 and all(w["connections"] == 0 for w in workers)
+    assert stats["accepted"] == 25000
+    assert stats["messages_out"] >= 50000

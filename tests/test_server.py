@@ -1,0 +1,273 @@
+"""End-to-end: a real supervisor, real worker processes, real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from conftest import Client, spread, wait_for
+
+
+def is_msg(channel: str, data: object) -> object:
+    return lambda e: e.get("ev") == "msg" and e["channel"] == channel and e["data"] == data
+
+
+def test_channel_message_reaches_every_subscriber_once_across_workers(serve, clients):
+    server = serve("--workers", "2", "--max-connections", "1000")
+    port = server.port()
+    groups = spread(clients, port, per_worker=3, workers=2)
+    subscribers = [c for g in groups.values() for c in g[:2]]
+    others = [g[2] for g in groups.values()]
+    for i, c in enumerate(subscribers):
+        assert c.call({"op": "hello", "user": f"s{i}", "id": 1})["ev"] == "ok"
+        assert c.call({"op": "sub", "channel": "veg", "id": 2})["ev"] == "ok"
+
+    # From the API ...
+    assert server.publish(channel="veg", data={"n": 1})["workers"] == 2
+    # ... and from a client (who is not subscribed itself).
+    others[0].send({"op": "pub", "channel": "veg", "data": {"n": 2}, "id": 9})
+    assert others[0].recv() == {"ev": "ok", "id": 9}
+    # A marker that travels the same path after both: anything duplicated would come first.
+    server.publish(channel="veg", data="end")
+
+    for c in subscribers:
+        events = c.until(is_msg("veg", "end"))
+        assert [e["data"] for e in events] == [{"n": 1}, {"n": 2}, "end"], events
+        seqs = [e["seq"] for e in events]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 3
+        assert events[1]["from"] is None  # the publisher never said hello
+    # Non-subscribers get nothing of "veg": the broadcast is the first thing they see.
+    server.publish(broadcast=True, data="all")
+    for c in others:
+        assert c.until(lambda e: e.get("ev") != "ok") == [
+            {"ev": "broadcast", "seq": 1, "from": None, "data": "all"}
+        ]
+
+
+def test_send_reaches_user_with_connections_on_two_workers(serve, clients):
+    server = serve("--workers", "2", "--max-connections", "1000")
+    groups = spread(clients, server.port(), per_worker=1, workers=2)
+    bob1, bob2 = (g[0] for g in groups.values())
+    assert bob1.worker != bob2.worker
+    for bob in (bob1, bob2):
+        assert bob.call({"op": "hello", "user": "bob", "id": 1})["ev"] == "ok"
+    alice = clients(server.port())
+    alice.call({"op": "hello", "user": "alice", "id": 1})
+    alice.send({"op": "send", "user": "bob", "data": "hi bob"})
+    server.publish(user="bob", data="from api")
+    for bob in (bob1, bob2):
+        assert bob.recv() == {"ev": "dm", "from": "alice", "data": "hi bob"}
+        assert bob.recv() == {"ev": "dm", "from": None, "data": "from api"}
+    # alice sent to bob, not to herself
+    alice.send({"op": "ping", "id": 5})
+    assert alice.recv() == {"ev": "pong", "id": 5}
+
+
+def test_killed_worker_is_restarted_and_other_clients_never_notice(serve, clients):
+    server = serve("--workers", "2", "--max-connections", "1000")
+    groups = spread(clients, server.port(), per_worker=1, workers=2)
+    (slot_a, (survivor,)), (slot_b, (victim,)) = sorted(groups.items())
+    for c in (survivor, victim):
+        c.call({"op": "sub", "channel": "news", "id": 1})
+    pids = server.worker_pids()
+    os.kill(pids[slot_b], signal.SIGKILL)
+    assert victim.closed()
+    new_pid = wait_for(
+        lambda: (p := server.worker_pids()[slot_b]) not in (None, pids[slot_b]) and p,
+        what="restart",
+    )
+    assert server.worker_pids()[slot_a] == pids[slot_a]
+    server.publish(channel="news", data="still here")
+    assert survivor.recv()["data"] == "still here"
+    survivor.send({"op": "ping"})
+    assert survivor.recv() == {"ev": "pong"}
+    assert f"(pid {pids[slot_b]}) exited" in server.output()
+    # The restarted worker accepts on the same slot socket again.
+    wait_for(lambda: os.path.exists(f"/proc/{new_pid}"), what="new worker")
+    spread(clients, server.port(), per_worker=1, workers=2)
+    stats = server.stats()
+    assert stats["services"][0]["workers"][slot_b]["restarts"] == 1
+
+
+def test_sigterm_drains_every_client_with_bye(serve, clients):
+    server = serve("--workers", "2", "--max-connections", "1000", "--drain-timeout", "5")
+    groups = spread(clients, server.port(), per_worker=2, workers=2)
+    everyone = [c for g in groups.values() for c in g]
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    for c in everyone:
+        assert c.recv() == {"ev": "bye", "reason": "shutdown"}
+        assert c.closed()
+    assert server.proc.wait(10) == 0
+    assert time.monotonic() - started < 5
+    assert "stopped" in server.output()
+
+
+def test_each_kind_of_bad_input_gets_its_error_code(serve, clients):
+    server = serve("--workers", "1", "--max-connections", "100", "--max-message-bytes", "100")
+    c = clients(server.port())
+    bystander = clients(server.port())
+    bystander.call({"op": "sub", "channel": "x", "id": 1})
+    cases = [
+        (b"not json\n", "bad_json"),
+        (b"\xff\xfe\n", "bad_json"),
+        (b"[1,2]\n", "not_object"),
+        (b'{"op":"dance","id":3}\n', "unknown_op"),
+        (b'{"channel":"x"}\n', "missing_field"),
+        (b'{"op":"sub","id":4}\n', "missing_field"),
+        (b'{"op":"sub","channel":42,"id":5}\n', "bad_field"),
+        (b'{"op":"pub","channel":"x","data":"' + b"a" * 200 + b'"}\n', "too_long"),
+    ]
+    for line, code in cases:
+        c.send(line)
+        event = c.recv()
+        assert event["ev"] == "error" and event["code"] == code, (line, event)
+        assert event["reason"]
+    c.send(b'{"op":"sub","channel":42,"id":7}\n')
+    assert c.recv()["id"] == 7  # the id survives a bad field
+    # A good line resets the strike count; the connection still works.
+    c.send({"op": "ping"})
+    assert c.recv() == {"ev": "pong"}
+    # Ten bad lines in a row: bye and close.
+    c.send(b"x\n" * 10)
+    events = c.until(lambda e: e["ev"] == "bye")
+    assert events[-1] == {"ev": "bye", "reason": "bad_input"}
+    assert len(events) == 11
+    assert c.closed()
+    # Nobody else noticed.
+    server.publish(channel="x", data=1)
+    assert bystander.recv()["data"] == 1
+    stats = wait_for(lambda: (s := server.stats())["closed"]["bad_input"] == 1 and s)
+    assert stats["errors"]["bad_json"] == 12
+    assert stats["errors"]["too_long"] == 1
+    assert stats["errors"]["bad_field"] == 2
+
+
+def test_full_service_refuses_with_server_full_and_stays_up(serve, clients):
+    # fd limit 100 - reserve 64 = 36 per worker; 50 connections need 2 workers.
+    server = serve("--max-connections", "50", "--fd-limit", "100", "--workers", "1")
+    assert "2 workers x 36 fds = 72 connections" in server.output()
+    port = server.port()
+    held: list[Client] = []
+    refused = 0
+    for _ in range(70):
+        c = Client(port, welcome=False)
+        first = c.recv()
+        if first["ev"] == "welcome":
+            held.append(c)
+        else:
+            assert first["ev"] == "error" and first["code"] == "server_full", first
+            assert c.closed()
+            c.close()
+            refused += 1
+    assert len(held) + refused == 70
+    assert len(held) <= 50 and refused >= 20
+    stats = server.stats()
+    assert stats["connections"] == len(held)
+    assert sum(stats["refused"].values()) == refused
+    # Those held are still served, and the server takes new clients once there is room.
+    for c in held[:5]:
+        c.send({"op": "ping"})
+        assert c.recv() == {"ev": "pong"}
+    for c in held:
+        c.close()
+    wait_for(lambda: server.stats()["connections"] == 0, what="connections closed")
+    fresh = clients(port)
+    assert fresh.welcome["ev"] == "welcome"
+    assert server.http("GET", "/healthz")[0] == 200
+
+
+def test_worker_out_of_fds_answers_server_full_to_a_burst_and_keeps_serving(serve, clients):
+    # fd_reserve 2 would let the worker run into EMFILE; it must measure what is really
+    # free, refuse with a message, and never drop a client silently.
+    server = serve(
+        config="fd_limit = 70\nfd_reserve = 2\n[api]\nport = 0\n"
+        '[[service]]\nname = "chat"\nport = 0\nworkers = 1\nmax_connections = 60\n'
+    )
+    import socket
+
+    burst = [socket.create_connection(("127.0.0.1", server.port()), timeout=10) for _ in range(300)]
+    answers = {}
+    for s in burst:
+        first = s.makefile("rb").readline()
+        kind = first[:24]
+        answers[kind] = answers.get(kind, 0) + 1
+    welcomed = answers.pop(b'{"ev":"welcome","conn":"', 0)
+    assert answers == {b'{"ev":"error","code":"se': 300 - welcomed}
+    assert 20 < welcomed < 60
+    stats = server.stats()
+    assert stats["refused"]["worker_full"] == 300 - welcomed
+    assert stats["connections"] == welcomed
+    for s in burst:
+        s.close()
+    wait_for(lambda: server.stats()["connections"] == 0, what="all closed")
+    c = clients(server.port())
+    c.send({"op": "ping"})
+    assert c.recv() == {"ev": "pong"}
+
+
+TWO_SERVICES = """
+[api]
+port = 0
+
+[[service]]
+name = "veg"
+port = 0
+workers = 1
+max_connections = 100
+
+[[service]]
+name = "nonveg"
+port = 0
+workers = 1
+max_connections = 100
+"""
+
+
+def test_services_have_their_own_workers_and_share_channels(serve, clients):
+    server = serve(config=TWO_SERVICES)
+    out = server.output()
+    assert "veg 127.0.0.1:" in out and "nonveg 127.0.0.1:" in out
+    veg = clients(server.port("veg"))
+    nonveg = clients(server.port("nonveg"))
+    assert veg.welcome["service"] == "veg" and nonveg.welcome["service"] == "nonveg"
+    for c in (veg, nonveg):
+        c.call({"op": "sub", "channel": "kitchen", "id": 1})
+    veg.send({"op": "pub", "channel": "kitchen", "data": "soup"})
+    assert veg.recv()["data"] == "soup"
+    assert nonveg.recv()["data"] == "soup"
+    # One house's cook dies; the other house never notices.
+    os.kill(server.worker_pids("veg")[0], signal.SIGKILL)
+    assert veg.closed()
+    nonveg.send({"op": "ping"})
+    assert nonveg.recv() == {"ev": "pong"}
+    wait_for(lambda: server.http("GET", "/healthz")[0] == 200, what="veg restarted")
+    again = clients(server.port("veg"))
+    again.call({"op": "sub", "channel": "kitchen", "id": 1})
+    server.publish(channel="kitchen", data="stew")
+    assert again.recv()["data"] == "stew"
+    assert nonveg.recv()["data"] == "stew"
+
+
+def test_api_rejects_bad_publish_bodies_and_serves_metrics(serve):
+    server = serve("--workers", "1", "--max-connections", "10")
+    for body, code in [
+        ({"data": 1}, "bad_target"),
+        ({"channel": "a", "user": "b", "data": 1}, "bad_target"),
+        ({"channel": "a"}, "bad_field"),
+        ({"channel": "a", "data": 1, "colour": "red"}, "bad_field"),
+    ]:
+        status, answer = server.http("POST", "/api/publish", body)
+        assert status == 400 and answer["error"] == code, (body, answer)
+    status, text = server.http("GET", "/metrics")
+    assert status == 200
+    assert 'manydoors_connections{service="chat"} 0.0' in text
+    assert "manydoors_refused_total" in text
+    status, health = server.http("GET", "/healthz")
+    assert status == 200 and health["status"] == "ok"
+    stats = server.stats()
+    svc = stats["services"][0]
+    assert svc["workers"][0]["fd_limit"] > 0 and svc["workers"][0]["rss_bytes"] > 0
+    assert set(stats) >= {"connections", "accepted", "refused", "messages_in", "messages_out",
+                          "dropped", "services"}
