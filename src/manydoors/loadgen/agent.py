@@ -105,6 +105,7 @@ class Agent:
         self.latency: dict[int, Counter[int]] = {}  # message number -> 1 ms buckets
         self.duplicates = 0
         self.ramp_done = False
+        self.first_attempt = self.last_connect = 0.0
         self.peak = 0
         self.stop = asyncio.Event()
         last = 2 if opts.subscribe else 1
@@ -215,7 +216,9 @@ class Agent:
             sock.close()
             self.errors[errno.errorcode.get(code, str(code))] += 1
             return
-        self.connect_hist[int((time.perf_counter() - conn.started) * 10_000)] += 1
+        now = time.perf_counter()
+        self.connect_hist[int((now - conn.started) * 10_000)] += 1
+        self.last_connect = now
         self.open_now += 1
         self.peak = max(self.peak, self.open_now)
         self.conns.add(conn)
@@ -248,6 +251,7 @@ class Agent:
     async def ramp(self) -> None:
         loop = asyncio.get_running_loop()
         start = loop.time()
+        self.first_attempt = time.perf_counter()
         user = self.plan.first_user
         last_sweep = start
         for lane in self.plan.lanes:
@@ -285,6 +289,7 @@ class Agent:
             "received": dict(self.received),
             "duplicates": self.duplicates,
             "ramp_done": self.ramp_done,
+            "ramp_seconds": max(0.0, self.last_connect - self.first_attempt),
             "rss_bytes": _rss(),
             "final": final,
         }

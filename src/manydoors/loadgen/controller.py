@@ -233,7 +233,9 @@ class Controller:
         self.start()
         rounds: list[dict[str, Any]] = []
         try:
-            ramp_s = self.ramp()
+            self.ramp()
+            # The ramp ends at the last successful connect of the slowest process.
+            ramp_s = max(s["ramp_seconds"] for s in self.latest.values())
             peak = self.total("open")
             hold_until = time.monotonic() + self.opts.hold
             if self.opts.api and self.opts.broadcasts:

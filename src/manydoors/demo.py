@@ -1,0 +1,122 @@
+"""``./run demo``: the server on its embedded default, a few thousand clients, messages, stats.
+
+Starts ``manydoors serve`` (chat on 127.0.0.1:7000, API on 127.0.0.1:7080), opens
+connections with the load generator, publishes through the API, prints the stats, and
+shows how to talk to the server by hand. On a terminal it keeps the server up until
+Ctrl-C so you can try ``nc``; otherwise it stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _post(url: str, body: Any) -> Any:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def stats_table(stats: dict[str, Any]) -> Table:
+    table = Table(title="manydoors /api/stats")
+    for col in ("service", "worker", "pid", "connections", "fds / limit", "RSS MiB"):
+        table.add_column(col, justify="right" if col != "service" else "left")
+    for svc in stats["services"]:
+        for w in svc["workers"]:
+            table.add_row(
+                f"{svc['name']} {svc['host']}:{svc['port']}", str(w["slot"]), str(w["pid"]),
+                f"{w['connections']:,}", f"{w['fds']:,} / {w['fd_limit']:,}",
+                f"{(w['rss_bytes'] or 0) / 2**20:.1f}",
+            )
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="manydoors demo")
+    parser.add_argument("--connections", type=int, default=3000)
+    parser.add_argument("--keep", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep the server running afterwards (default: on a terminal)")
+    args = parser.parse_args(argv)
+    keep = sys.stdin.isatty() if args.keep is None else args.keep
+    console = Console()
+    ready = os.path.join(tempfile.mkdtemp(prefix="manydoors-demo-"), "ready.json")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "manydoors", "serve", "--ready-file", ready]
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(ready):
+            if server.poll() is not None or time.monotonic() > deadline:
+                console.print("[red]the server did not start (is port 7000 or 7080 taken?)")
+                return 1
+            time.sleep(0.05)
+        with open(ready) as f:
+            info = json.load(f)
+        api = info["api"]
+        port = info["services"]["chat"]["port"]
+        console.rule(f"{args.connections:,} clients say hello and subscribe to 'demo'")
+        load = subprocess.Popen(
+            [sys.executable, "-m", "manydoors", "load", "--target", f"127.0.0.1:{port}",
+             "--connections", str(args.connections), "--rate", "5000",
+             "--subscribe", "demo", "--api", api, "--broadcasts", "3", "--hold", "3"],
+        )
+        while _get(f"{api}/api/stats")["connections"] < args.connections:
+            if load.poll() is not None:
+                break
+            time.sleep(0.1)
+        answer = _post(f"{api}/api/publish", {"channel": "demo", "data": {"hello": "world"}})
+        console.print(f"POST {api}/api/publish {{\"channel\":\"demo\",...}} -> {answer}")
+        stats = _get(f"{api}/api/stats")
+        console.print(stats_table(stats))
+        console.print(
+            f"connections {stats['connections']:,}  accepted {stats['accepted']:,}  "
+            f"messages in {stats['messages_in']:,}  out {stats['messages_out']:,}  "
+            f"dropped {stats['dropped']:,}"
+        )
+        load.wait()
+        console.rule("talk to it yourself")
+        console.print(
+            f"  nc 127.0.0.1 {port}\n"
+            '  {"op":"hello","user":"alice","id":1}\n'
+            '  {"op":"sub","channel":"demo","id":2}\n'
+            f"  curl -d '{{\"channel\":\"demo\",\"data\":\"hi\"}}' {api}/api/publish\n"
+            f"  curl {api}/api/stats   curl {api}/metrics"
+        )
+        if keep:
+            console.print("[bold]server running; Ctrl-C stops it")
+            try:
+                server.wait()
+            except KeyboardInterrupt:
+                pass
+        return load.returncode or 0
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
