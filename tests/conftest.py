@@ -194,9 +194,9 @@ def clients() -> Iterator[Callable[..., Client]]:
         client.close()
 
 
-def spread(connect: Callable[..., Client], port: int, per_worker: int, workers: int) -> dict[
-    int, list[Client]
-]:
+def spread(
+    connect: Callable[..., Client], port: int, per_worker: int, workers: int
+) -> dict[int, list[Client]]:
     """Connect until ``per_worker`` clients sit on each of ``workers`` workers."""
     by_worker: dict[int, list[Client]] = {}
     for _ in range(400):

@@ -29,7 +29,8 @@ def test_port_in_use_is_a_clear_startup_error(capsys):
 
 
 def test_load_refuses_a_plan_that_cannot_reach_the_count(capsys):
-    code = main(["load", "--connections", "100000", "--source-ips", "127.0.1.1",
-                 "--target", "127.0.0.1:1"])
+    code = main(
+        ["load", "--connections", "100000", "--source-ips", "127.0.1.1", "--target", "127.0.0.1:1"]
+    )
     assert code == 2
     assert "Use at least" in capsys.readouterr().err

@@ -269,5 +269,44 @@ def test_api_rejects_bad_publish_bodies_and_serves_metrics(serve):
     stats = server.stats()
     svc = stats["services"][0]
     assert svc["workers"][0]["fd_limit"] > 0 and svc["workers"][0]["rss_bytes"] > 0
-    assert set(stats) >= {"connections", "accepted", "refused", "messages_in", "messages_out",
-                          "dropped", "services"}
+    assert set(stats) >= {
+        "connections",
+        "accepted",
+        "refused",
+        "messages_in",
+        "messages_out",
+        "dropped",
+        "services",
+    }
+
+
+def test_api_refuses_invalid_utf8_instead_of_relaying_it(serve, clients):
+    import urllib.request
+
+    server = serve("--workers", "1", "--max-connections", "10")
+    sub = clients(server.port())
+    sub.call({"op": "sub", "channel": "x", "id": 1})
+    req = urllib.request.Request(
+        server.api + "/api/publish", data=b'{"channel":"x","data":"\xff"}', method="POST"
+    )
+    try:
+        urllib.request.urlopen(req, timeout=10)
+        raise AssertionError("accepted invalid UTF-8")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 400
+        assert b"UTF-8" in exc.read()
+    server.publish(channel="x", data="fine")
+    assert sub.recv()["data"] == "fine"
+
+
+def test_lines_after_a_bad_input_close_are_not_acted_on(serve, clients):
+    server = serve("--workers", "1", "--max-connections", "10")
+    watcher = clients(server.port())
+    watcher.call({"op": "sub", "channel": "x", "id": 1})
+    rogue = clients(server.port())
+    rogue.send(b"junk\n" * 10 + b'{"op":"pub","channel":"x","data":"sneaky"}\n' + b"junk\n")
+    assert rogue.until(lambda e: e["ev"] == "bye")[-1]["reason"] == "bad_input"
+    assert rogue.closed()
+    server.publish(channel="x", data="after")
+    assert watcher.recv()["data"] == "after"
+    assert server.stats()["closed"]["bad_input"] == 1

@@ -43,8 +43,11 @@ def stats_table(stats: dict[str, Any]) -> Table:
     for svc in stats["services"]:
         for w in svc["workers"]:
             table.add_row(
-                f"{svc['name']} {svc['host']}:{svc['port']}", str(w["slot"]), str(w["pid"]),
-                f"{w['connections']:,}", f"{w['fds']:,} / {w['fd_limit']:,}",
+                f"{svc['name']} {svc['host']}:{svc['port']}",
+                str(w["slot"]),
+                str(w["pid"]),
+                f"{w['connections']:,}",
+                f"{w['fds']:,} / {w['fd_limit']:,}",
                 f"{(w['rss_bytes'] or 0) / 2**20:.1f}",
             )
     return table
@@ -53,15 +56,17 @@ def stats_table(stats: dict[str, Any]) -> Table:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="manydoors demo")
     parser.add_argument("--connections", type=int, default=3000)
-    parser.add_argument("--keep", action=argparse.BooleanOptionalAction, default=None,
-                        help="keep the server running afterwards (default: on a terminal)")
+    parser.add_argument(
+        "--keep",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the server running afterwards (default: on a terminal)",
+    )
     args = parser.parse_args(argv)
     keep = sys.stdin.isatty() if args.keep is None else args.keep
     console = Console()
     ready = os.path.join(tempfile.mkdtemp(prefix="manydoors-demo-"), "ready.json")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "manydoors", "serve", "--ready-file", ready]
-    )
+    server = subprocess.Popen([sys.executable, "-m", "manydoors", "serve", "--ready-file", ready])
     try:
         deadline = time.monotonic() + 60
         while not os.path.exists(ready):
@@ -75,16 +80,33 @@ def main(argv: list[str] | None = None) -> int:
         port = info["services"]["chat"]["port"]
         console.rule(f"{args.connections:,} clients say hello and subscribe to 'demo'")
         load = subprocess.Popen(
-            [sys.executable, "-m", "manydoors", "load", "--target", f"127.0.0.1:{port}",
-             "--connections", str(args.connections), "--rate", "5000",
-             "--subscribe", "demo", "--api", api, "--broadcasts", "3", "--hold", "3"],
+            [
+                sys.executable,
+                "-m",
+                "manydoors",
+                "load",
+                "--target",
+                f"127.0.0.1:{port}",
+                "--connections",
+                str(args.connections),
+                "--rate",
+                "5000",
+                "--subscribe",
+                "demo",
+                "--api",
+                api,
+                "--broadcasts",
+                "3",
+                "--hold",
+                "3",
+            ],
         )
         while _get(f"{api}/api/stats")["connections"] < args.connections:
             if load.poll() is not None:
                 break
             time.sleep(0.1)
         answer = _post(f"{api}/api/publish", {"channel": "demo", "data": {"hello": "world"}})
-        console.print(f"POST {api}/api/publish {{\"channel\":\"demo\",...}} -> {answer}")
+        console.print(f'POST {api}/api/publish {{"channel":"demo",...}} -> {answer}')
         stats = _get(f"{api}/api/stats")
         console.print(stats_table(stats))
         console.print(
@@ -98,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  nc 127.0.0.1 {port}\n"
             '  {"op":"hello","user":"alice","id":1}\n'
             '  {"op":"sub","channel":"demo","id":2}\n'
-            f"  curl -d '{{\"channel\":\"demo\",\"data\":\"hi\"}}' {api}/api/publish\n"
+            f'  curl -d \'{{"channel":"demo","data":"hi"}}\' {api}/api/publish\n'
             f"  curl {api}/api/stats   curl {api}/metrics"
         )
         if keep:

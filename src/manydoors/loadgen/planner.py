@@ -70,9 +70,9 @@ def parse_target(text: str) -> tuple[tuple[str, int], ...]:
     if not sep or not host:
         raise PlanError(f"target {text!r}: expected HOST:PORT or HOST:PORT-PORT")
     try:
-        lo_s, _, hi_s = ports.partition("-")
+        lo_s, dash, hi_s = ports.partition("-")
         lo = int(lo_s)
-        hi = int(hi_s) if hi_s else lo
+        hi = int(hi_s) if dash else lo  # "7000-" is a typo, not port 7000
     except ValueError:
         raise PlanError(f"target {text!r}: ports must be numbers") from None
     if not 0 < lo <= hi <= 65535:
@@ -84,10 +84,10 @@ def parse_ip_range(text: str) -> tuple[str, ...]:
     """``127.0.1.1-127.0.1.64``, a single address, or a comma-separated list of either."""
     out: list[str] = []
     for part in text.split(","):
-        lo_s, _, hi_s = part.strip().partition("-")
+        lo_s, dash, hi_s = part.strip().partition("-")
         try:
             lo = ipaddress.ip_address(lo_s)
-            hi = ipaddress.ip_address(hi_s) if hi_s else lo
+            hi = ipaddress.ip_address(hi_s) if dash else lo
         except ValueError as exc:
             raise PlanError(f"source IPs {part!r}: {exc}") from None
         if int(hi) < int(lo) or lo.version != hi.version:

@@ -75,7 +75,7 @@ ERROR_CODES: Final = (
     "server_full",
 )
 
-_op_decoder: Final = msgspec.json.Decoder(ClientOp)
+_op_decoder: Final[msgspec.json.Decoder[ClientOp]] = msgspec.json.Decoder(ClientOp)
 
 
 class _IdOnly(Struct):

@@ -45,6 +45,12 @@ def _error(status: int, code: str, reason: str) -> web.Response:
 async def publish(request: web.Request) -> web.Response:
     sup = request.app[_SUP]
     raw = await request.read()
+    if not raw.isascii():
+        # msgspec.Raw would relay invalid UTF-8 inside ``data`` to every recipient.
+        try:
+            raw.decode()
+        except UnicodeDecodeError as exc:
+            return _error(400, "bad_json", f"body is not valid UTF-8 (byte {exc.start})")
     try:
         body = _decode_publish(raw)
     except msgspec.ValidationError as exc:

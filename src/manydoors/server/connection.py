@@ -40,7 +40,7 @@ class Connection(LineFramer, asyncio.Protocol):
         LineFramer.__init__(self)
         self.transport: asyncio.Transport | None = None
         self.user: str | None = None
-        self.channels: tuple[str, ...] = ()
+        self.channels: str | tuple[str, ...] = ()
         self.strikes = 0  # consecutive bad lines
         self.slow = False  # write buffer over the cap: new messages are dropped
 

@@ -141,6 +141,7 @@ class Worker:
         transport = conn.transport
         if transport is None:
             return
+        conn.transport = None  # nothing more is read or written; connection_lost releases
         self.mv[self.i_closed[reason]] += 1
         transport.write(bye_line(reason))
         transport.close()

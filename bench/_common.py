@@ -1,0 +1,116 @@
+"""Shared by the bench scripts: start/stop a server, read its stats, describe the machine."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def machine() -> dict[str, Any]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with open("/proc/meminfo") as f:
+        mem = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem / 2**30, 1),
+        "kernel": platform.release(),
+        "fd_limit": [soft, hard],
+        "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def post(url: str, body: Any) -> Any:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen[bytes], info: dict[str, Any]) -> None:
+        self.proc = proc
+        self.info = info
+        self.api = info["api"]
+        self.port = info["services"]["chat"]["port"]
+
+    def stats(self) -> dict[str, Any]:
+        return dict(get(self.api + "/api/stats"))
+
+    def worker_pids(self) -> list[int]:
+        return [w["pid"] for w in self.stats()["services"][0]["workers"]]
+
+
+@contextlib.contextmanager
+def server(*args: str) -> Iterator[Server]:
+    """``manydoors serve`` on free ports; always stopped (SIGTERM, then SIGKILL)."""
+    ready = os.path.join(tempfile.mkdtemp(prefix="manydoors-bench-"), "ready.json")
+    cmd = [sys.executable, "-m", "manydoors", "serve", "--port", "0", "--api-port", "0",
+           "--ready-file", ready, *args]
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(ready):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        with open(ready) as f:
+            yield Server(proc, json.load(f))
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def load(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "manydoors", "load", *args])
+
+
+def rss_pss(pid: int) -> tuple[int, int]:
+    rss = pss = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Rss:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith("Pss:"):
+                pss = int(line.split()[1]) * 1024
+    return rss, pss
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def save(name: str, result: dict[str, Any]) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    return path

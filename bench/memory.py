@@ -1,0 +1,60 @@
+"""User-space memory per idle connection (hello'd, subscribed to one channel).
+
+    ./run bench memory [--connections 40000] [--workers 2]
+
+Measures each worker's RSS and PSS at start (the baseline), opens the connections with
+the load generator (each says hello and subscribes), and divides the workers' RSS
+growth by the connections they hold. Writes bench/results/memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from _common import load, machine, rss_pss, save, server, wait_until
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--connections", type=int, default=40_000)
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args()
+    n = args.connections
+    with server("--workers", str(args.workers), "--max-connections", str(n)) as srv:
+        pids = srv.worker_pids()
+        base = {pid: rss_pss(pid) for pid in pids}
+        gen = load("--target", f"127.0.0.1:{srv.port}", "--connections", str(n),
+                   "--rate", "10000", "--subscribe", "veg", "--hold", "30")
+        try:
+            # hello + sub = 2 messages in per connection; then let the loop settle.
+            wait_until(lambda: srv.stats()["messages_in"] >= 2 * n, 120, "all subscribed")
+            stats = srv.stats()
+            held = {w["pid"]: w["connections"] for w in stats["services"][0]["workers"]}
+            after = {pid: rss_pss(pid) for pid in pids}
+        finally:
+            gen.terminate()
+            gen.wait()
+    growth = sum(after[pid][0] - base[pid][0] for pid in pids)
+    result = {
+        "machine": machine(),
+        "connections": sum(held.values()),
+        "workers": len(pids),
+        "baseline_rss_bytes": [base[pid][0] for pid in pids],
+        "baseline_pss_bytes": [base[pid][1] for pid in pids],
+        "per_connection_bytes": round(growth / max(1, sum(held.values())), 1),
+        "per_worker": [
+            {"pid": pid, "connections": held[pid], "rss_before": base[pid][0],
+             "rss_after": after[pid][0],
+             "per_connection": round((after[pid][0] - base[pid][0]) / max(1, held[pid]), 1)}
+            for pid in pids
+        ],
+    }
+    print(json.dumps(result, indent=1))
+    print(f"saved {save('memory', result)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
