@@ -14,7 +14,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -30,7 +30,7 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "fd_limit": [soft, hard],
         "python": platform.python_version(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 
@@ -40,8 +40,9 @@ def get(url: str) -> Any:
 
 
 def post(url: str, body: Any) -> Any:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read())
 
@@ -64,8 +65,19 @@ class Server:
 def server(*args: str) -> Iterator[Server]:
     """``manydoors serve`` on free ports; always stopped (SIGTERM, then SIGKILL)."""
     ready = os.path.join(tempfile.mkdtemp(prefix="manydoors-bench-"), "ready.json")
-    cmd = [sys.executable, "-m", "manydoors", "serve", "--port", "0", "--api-port", "0",
-           "--ready-file", ready, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "manydoors",
+        "serve",
+        "--port",
+        "0",
+        "--api-port",
+        "0",
+        "--ready-file",
+        ready,
+        *args,
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120

@@ -27,9 +27,19 @@ def main() -> int:
     args = p.parse_args()
     n = args.connections
     with server("--workers", str(args.workers), "--max-connections", str(n)) as srv:
-        gen = load("--target", f"127.0.0.1:{srv.port}", "--connections", str(n),
-                   "--rate", str(args.rate), "--processes", str(args.processes), "--hold", "2",
-                   *([] if args.hello else ["--raw"]))
+        gen = load(
+            "--target",
+            f"127.0.0.1:{srv.port}",
+            "--connections",
+            str(n),
+            "--rate",
+            str(args.rate),
+            "--processes",
+            str(args.processes),
+            "--hold",
+            "2",
+            *([] if args.hello else ["--raw"]),
+        )
         samples: list[tuple[float, int]] = []
         try:
             deadline = time.monotonic() + 180

@@ -28,9 +28,22 @@ def main() -> int:
     report_path = os.path.join(RESULTS, "broadcast-load.json")
     os.makedirs(RESULTS, exist_ok=True)
     with server("--max-connections", str(n)) as srv:
-        gen = load("--target", f"127.0.0.1:{srv.port}", "--connections", str(n),
-                   "--rate", str(args.rate), "--subscribe", "veg", "--api", srv.api,
-                   "--broadcasts", str(args.messages), "--report", report_path)
+        gen = load(
+            "--target",
+            f"127.0.0.1:{srv.port}",
+            "--connections",
+            str(n),
+            "--rate",
+            str(args.rate),
+            "--subscribe",
+            "veg",
+            "--api",
+            srv.api,
+            "--broadcasts",
+            str(args.messages),
+            "--report",
+            report_path,
+        )
         code = gen.wait()
         stats = srv.stats()
     with open(report_path) as f:

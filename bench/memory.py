@@ -25,8 +25,18 @@ def main() -> int:
     with server("--workers", str(args.workers), "--max-connections", str(n)) as srv:
         pids = srv.worker_pids()
         base = {pid: rss_pss(pid) for pid in pids}
-        gen = load("--target", f"127.0.0.1:{srv.port}", "--connections", str(n),
-                   "--rate", "10000", "--subscribe", "veg", "--hold", "30")
+        gen = load(
+            "--target",
+            f"127.0.0.1:{srv.port}",
+            "--connections",
+            str(n),
+            "--rate",
+            "10000",
+            "--subscribe",
+            "veg",
+            "--hold",
+            "30",
+        )
         try:
             # hello + sub = 2 messages in per connection; then let the loop settle.
             wait_until(lambda: srv.stats()["messages_in"] >= 2 * n, 120, "all subscribed")
@@ -45,9 +55,13 @@ def main() -> int:
         "baseline_pss_bytes": [base[pid][1] for pid in pids],
         "per_connection_bytes": round(growth / max(1, sum(held.values())), 1),
         "per_worker": [
-            {"pid": pid, "connections": held[pid], "rss_before": base[pid][0],
-             "rss_after": after[pid][0],
-             "per_connection": round((after[pid][0] - base[pid][0]) / max(1, held[pid]), 1)}
+            {
+                "pid": pid,
+                "connections": held[pid],
+                "rss_before": base[pid][0],
+                "rss_after": after[pid][0],
+                "per_connection": round((after[pid][0] - base[pid][0]) / max(1, held[pid]), 1),
+            }
             for pid in pids
         ],
     }

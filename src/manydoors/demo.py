@@ -9,6 +9,7 @@ Ctrl-C so you can try ``nc``; otherwise it stops it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -125,10 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if keep:
             console.print("[bold]server running; Ctrl-C stops it")
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 server.wait()
-            except KeyboardInterrupt:
-                pass
         return load.returncode or 0
     finally:
         if server.poll() is None:

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection as Pipe
 from multiprocessing.connection import wait as wait_pipes
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from .agent import AgentOptions, agent_main
 from .errors import explain
@@ -119,7 +119,7 @@ class Controller:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            ready = wait_pipes(self.pipes, timeout=max(0.0, left))
+            ready = cast(list[Pipe], wait_pipes(self.pipes, timeout=max(0.0, left)))
             for pipe in ready:
                 try:
                     snap = pipe.recv()
@@ -213,7 +213,7 @@ class Controller:
         finals: dict[int, dict[str, Any]] = {}
         deadline = time.monotonic() + 30
         while len(finals) < len(self.pipes) and time.monotonic() < deadline:
-            for pipe in wait_pipes(self.pipes, timeout=1):
+            for pipe in cast(list[Pipe], wait_pipes(self.pipes, timeout=1)):
                 try:
                     snap = pipe.recv()
                 except EOFError:

@@ -144,7 +144,7 @@ async def start_api(sup: Supervisor) -> web.AppRunner:
     app = web.Application(client_max_size=MAX_BODY)
     app[_SUP] = sup
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(sup))  # type: ignore[arg-type]
+    registry.register(_Collector(sup))
     app[_REGISTRY] = registry
     app.add_routes(
         [
@@ -164,7 +164,5 @@ async def start_api(sup: Supervisor) -> web.AppRunner:
         raise StartupError(
             f"API: cannot listen on {sup.config.api.host}:{sup.config.api.port}: {exc.strerror}"
         ) from None
-    server = site._server
-    if server is not None and getattr(server, "sockets", None):
-        sup.api_port = server.sockets[0].getsockname()[1]
+    sup.api_port = runner.addresses[0][1]  # the real port when 0 was asked for
     return runner

@@ -48,8 +48,8 @@ class Connection(LineFramer, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
-        self.transport = cast(asyncio.Transport, transport)
-        self.worker.admit(self, transport)
+        self.transport = tr = cast(asyncio.Transport, transport)
+        self.worker.admit(self, tr)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

@@ -14,7 +14,7 @@ tuple from two on.
 from __future__ import annotations
 
 import sys
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 
 class Member(Protocol):
@@ -30,21 +30,24 @@ def channels_of(conn: Member) -> tuple[str, ...]:
     return (held,) if isinstance(held, str) else held
 
 
-class Hub:
+M = TypeVar("M", bound=Member)
+
+
+class Hub(Generic[M]):
     __slots__ = ("channels", "conns", "users")
 
     def __init__(self) -> None:
-        self.conns: set[Member] = set()
-        self.channels: dict[str, set[Member]] = {}
-        self.users: dict[str, Member | set[Member]] = {}
+        self.conns: set[M] = set()
+        self.channels: dict[str, set[M]] = {}
+        self.users: dict[str, M | set[M]] = {}
 
     def __len__(self) -> int:
         return len(self.conns)
 
-    def add(self, conn: Member) -> None:
+    def add(self, conn: M) -> None:
         self.conns.add(conn)
 
-    def remove(self, conn: Member) -> tuple[list[str], str | None]:
+    def remove(self, conn: M) -> tuple[list[str], str | None]:
         """Forget a connection; return the channels and the user this worker lost."""
         self.conns.discard(conn)
         lost = [ch for ch in channels_of(conn) if self._leave(conn, ch)]
@@ -53,7 +56,7 @@ class Hub:
         gone = user if user is not None and self._drop_user(conn, user) else None
         return lost, gone
 
-    def subscribe(self, conn: Member, channel: str) -> bool:
+    def subscribe(self, conn: M, channel: str) -> bool:
         """Subscribe; True when this worker had no subscriber of the channel before."""
         held = channels_of(conn)
         if channel in held:
@@ -67,7 +70,7 @@ class Hub:
         members.add(conn)
         return False
 
-    def unsubscribe(self, conn: Member, channel: str) -> bool:
+    def unsubscribe(self, conn: M, channel: str) -> bool:
         """Unsubscribe; True when this was the worker's last subscriber of the channel."""
         held = channels_of(conn)
         if channel not in held:
@@ -76,7 +79,7 @@ class Hub:
         conn.channels = rest[0] if len(rest) == 1 else rest
         return self._leave(conn, channel)
 
-    def _leave(self, conn: Member, channel: str) -> bool:
+    def _leave(self, conn: M, channel: str) -> bool:
         members = self.channels.get(channel)
         if members is None:
             return False
@@ -86,7 +89,7 @@ class Hub:
         del self.channels[channel]
         return True
 
-    def set_user(self, conn: Member, user: str) -> tuple[bool, str | None]:
+    def set_user(self, conn: M, user: str) -> tuple[bool, str | None]:
         """Name the connection's user. Returns (user is new to this worker, user lost)."""
         old = conn.user
         if old == user:
@@ -103,7 +106,7 @@ class Hub:
             self.users[user] = {held, conn}
         return False, lost
 
-    def _drop_user(self, conn: Member, user: str) -> bool:
+    def _drop_user(self, conn: M, user: str) -> bool:
         held = self.users.get(user)
         if held is conn:
             del self.users[user]
@@ -114,7 +117,7 @@ class Hub:
                 self.users[user] = held.pop()
         return False
 
-    def of_user(self, user: str) -> tuple[Member, ...] | set[Member]:
+    def of_user(self, user: str) -> tuple[M, ...] | set[M]:
         held = self.users.get(user)
         if held is None:
             return ()

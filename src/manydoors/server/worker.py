@@ -67,7 +67,7 @@ class Worker:
     def __init__(self, spec: WorkerSpec, stats: StatsTable) -> None:
         svc = spec.service
         self.spec = spec
-        self.hub = Hub()
+        self.hub: Hub[Connection] = Hub()
         self.stats = stats
         self.mv = stats.mv
         self.max_message_bytes = svc.max_message_bytes
@@ -255,9 +255,9 @@ class Worker:
         )
         loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
         link.send(Kind.READY, str(self.pid))
-        stop = asyncio.ensure_future(self.stop_event.wait())
-        await asyncio.wait([stop, link.lost], return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
+        # Losing the supervisor (the link) stops us as SIGTERM would.
+        link.lost.add_done_callback(lambda _: self.stop_event.set())
+        await self.stop_event.wait()
         server.close()
         await self.drain()
 
