@@ -14,7 +14,6 @@ from manydoors.config import (
     ConfigError,
     ServiceConfig,
     load,
-    with_services,
 )
 
 TWO_SERVICES = """
@@ -440,10 +439,3 @@ def test_config_objects_are_validated_when_built_directly() -> None:
 def test_config_objects_are_hashable_values() -> None:
     assert load(TWO_SERVICES) == load(TWO_SERVICES)
     assert hash(load(TWO_SERVICES)) == hash(load(TWO_SERVICES))
-
-
-def test_with_services_replaces_the_services_and_validates() -> None:
-    config = with_services(load(), ServiceConfig(name="a", port=1), ServiceConfig(name="b", port=2))
-    assert [s.name for s in config.services] == ["a", "b"]
-    with pytest.raises(ConfigError):
-        with_services(load(), ServiceConfig(name="a"), ServiceConfig(name="a", port=1))

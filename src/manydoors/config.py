@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
 
@@ -63,7 +63,13 @@ class ServiceConfig:
             raise ConfigError(
                 f"service {self.name}: protocol {self.protocol!r} is not one of {PROTOCOLS}"
             )
-        for key in ("backlog", "max_connections", "max_message_bytes", "max_outbound_bytes"):
+        for key in (
+            "backlog",
+            "max_connections",
+            "max_message_bytes",
+            "max_outbound_bytes",
+            "max_bad_messages",
+        ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"service {self.name}: {key} must be at least 1")
         if self.workers is not None and self.workers < 1:
@@ -103,6 +109,8 @@ class Config:
             raise ConfigError(f"two services listen on the same address: {ports}")
         if not self.drain_timeout > 0:  # also catches NaN
             raise ConfigError("drain_timeout must be positive")
+        if self.fd_reserve < 0:
+            raise ConfigError("fd_reserve must not be negative")
         if self.fd_limit is not None and self.fd_limit <= self.fd_reserve + 1:
             raise ConfigError(f"fd_limit {self.fd_limit} leaves no room beside fd_reserve")
 
@@ -157,6 +165,13 @@ SERVICE_OPTIONS: Final = (
         int,
         "bytes queued to a slow reader before new messages to it are dropped",
     ),
+    Option(
+        "max_bad_messages",
+        "MANYDOORS_MAX_BAD_MESSAGES",
+        "--max-bad-messages",
+        int,
+        "consecutive bad lines before a client is closed",
+    ),
 )
 GLOBAL_OPTIONS: Final = (
     Option("api.host", "MANYDOORS_API_HOST", "--api-host", str, "HTTP API address"),
@@ -174,6 +189,13 @@ GLOBAL_OPTIONS: Final = (
         "--fd-limit",
         int,
         "per-worker fd limit (default: the hard limit)",
+    ),
+    Option(
+        "fd_reserve",
+        "MANYDOORS_FD_RESERVE",
+        "--fd-reserve",
+        int,
+        "fds a worker keeps for itself beside its connections",
     ),
 )
 
@@ -257,7 +279,3 @@ def load(
         )
     except TypeError as exc:
         raise ConfigError(str(exc)) from None
-
-
-def with_services(config: Config, *services: ServiceConfig) -> Config:
-    return replace(config, services=services)
