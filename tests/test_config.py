@@ -161,10 +161,12 @@ def test_every_option_is_reachable_by_env_and_flag() -> None:
         "workers": ("2", 2),
         "max_message_bytes": ("2048", 2048),
         "max_outbound_bytes": ("4096", 4096),
+        "max_bad_messages": ("3", 3),
         "api.host": ("10.2.2.2", "10.2.2.2"),
         "api.port": ("7666", 7666),
         "drain_timeout": ("4.5", 4.5),
         "fd_limit": ("1000", 1000),
+        "fd_reserve": ("32", 32),
     }
     options = (*SERVICE_OPTIONS, *GLOBAL_OPTIONS)
     assert {opt.key for opt in options} == set(values)
