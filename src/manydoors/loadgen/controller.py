@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing as mp
 import os
 import platform
 import resource
 import sys
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection as Pipe
 from multiprocessing.connection import wait as wait_pipes
 from typing import Any, TextIO, cast
 
+from ..apiclient import post_json
 from .agent import AgentOptions, agent_main
 from .errors import explain
 from .planner import Plan
@@ -182,14 +181,7 @@ class Controller:
         target: dict[str, Any] = (
             {"channel": self.opts.subscribe} if self.opts.subscribe else {"broadcast": True}
         )
-        body = json.dumps({**target, "data": stamp}).encode()
-        req = urllib.request.Request(
-            self.opts.api.rstrip("/") + "/api/publish",
-            data=body,
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            resp.read()
+        post_json(self.opts.api.rstrip("/") + "/api/publish", {**target, "data": stamp})
 
     def broadcast_round(self, n: int) -> dict[str, Any]:
         expected = self.total("ready")
