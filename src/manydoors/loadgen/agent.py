@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import socket
+import struct
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from ..protocol.framing import TOO_LONG, LineFramer
 from .planner import AgentPlan
 
 IP_BIND_ADDRESS_NO_PORT: Final = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+IP_LOCAL_PORT_RANGE: Final = getattr(socket, "IP_LOCAL_PORT_RANGE", 51)
 MAX_IN_FLIGHT: Final = 1024  # connects outstanding per process
 TICK: Final = 0.005
 REPORT_EVERY: Final = 0.5
@@ -40,6 +42,7 @@ class AgentOptions:
     subscribe: str | None
     connect_timeout: float
     fd_limit: int
+    source_ports: tuple[int, int] | None = None  # per-socket ephemeral range
 
 
 class Event(msgspec.Struct):
@@ -110,6 +113,9 @@ class Agent:
         self.stop = asyncio.Event()
         last = 2 if opts.subscribe else 1
         self.ready_id = last if opts.hello else None
+        # IP_LOCAL_PORT_RANGE (Linux 6.3+) takes the range as hi << 16 | lo.
+        ports = opts.source_ports
+        self.port_range = struct.pack("I", ports[1] << 16 | ports[0]) if ports else b""
 
     # --- per line -------------------------------------------------------------------
 
@@ -191,6 +197,8 @@ class Agent:
             return
         try:
             sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            if self.port_range:
+                sock.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, self.port_range)
             sock.bind((src, 0))
         except OSError as exc:
             sock.close()
@@ -324,6 +332,13 @@ class Agent:
             self.pipe.send(self.snapshot())
             await asyncio.sleep(REPORT_EVERY)
 
+    def ramp_ended(self, task: asyncio.Task[None]) -> None:
+        """A bug in the ramp must not leave the controller waiting forever."""
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.errors[f"load_bug: {type(exc).__name__}: {exc}"] += 1
+            self.ramp_done = True
+
     def on_command(self) -> None:
         try:
             cmd = self.pipe.recv()
@@ -338,6 +353,7 @@ class Agent:
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
         reporter = loop.create_task(self.report_loop())
         ramp = loop.create_task(self.ramp())
+        ramp.add_done_callback(self.ramp_ended)
         await self.stop.wait()
         ramp.cancel()
         reporter.cancel()

@@ -10,7 +10,7 @@ from typing import Any
 
 from .controller import Controller, LoadOptions, read_port_range
 from .errors import explain
-from .planner import PlanError, make_plan, parse_ip_range, parse_target
+from .planner import PlanError, make_plan, parse_ip_range, parse_port_range, parse_target
 
 
 def add_parser(sub: Any) -> None:
@@ -29,6 +29,17 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--delivery-timeout", type=float, default=30)
     p.add_argument("--connect-timeout", type=float, default=10)
     p.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    p.add_argument("--plot", metavar="FILE", help="write a PNG of the run here")
+    p.add_argument(
+        "--source-ports",
+        metavar="LO-HI",
+        help="ephemeral ports of the load's own sockets (default: ip_local_port_range)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start even when the plan cannot reach the count (to see the kernel refuse)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,13 +53,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         processes = None if args.processes == "auto" else int(args.processes)
+        source_ports = parse_port_range(args.source_ports) if args.source_ports else None
         plan = make_plan(
             args.connections,
             parse_target(args.target),
-            read_port_range(),
+            source_ports or read_port_range(),
             fd_limit,
             parse_ip_range(args.source_ips) if args.source_ips else None,
             processes,
+            explicit_ports=source_ports is not None,
+            force=args.force,
         )
     except (PlanError, ValueError) as exc:
         print(f"load: {exc}", file=sys.stderr)
@@ -63,11 +77,16 @@ def run(args: argparse.Namespace) -> int:
         delivery_timeout=args.delivery_timeout,
         connect_timeout=args.connect_timeout,
         fd_limit=fd_limit,
+        source_ports=source_ports,
     )
-    report = Controller(plan, opts).run()
+    report = Controller(plan, opts, live=sys.stderr.isatty()).run()
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=1)
+    if args.plot:
+        from .report import write_plot  # matplotlib only when asked for
+
+        write_plot(report, args.plot)
     c = report["connections"]
     print(
         f"load: peak {c['peak']:,} of {c['target']:,}, rate {report['rate_achieved']}/s, "

@@ -15,6 +15,10 @@ from multiprocessing.connection import Connection as Pipe
 from multiprocessing.connection import wait as wait_pipes
 from typing import Any, TextIO, cast
 
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
 from ..apiclient import post_json
 from .agent import AgentOptions, agent_main
 from .errors import explain
@@ -32,6 +36,7 @@ class LoadOptions:
     delivery_timeout: float
     connect_timeout: float
     fd_limit: int
+    source_ports: tuple[int, int] | None = None
 
 
 def read_port_range(root: str = "/") -> tuple[int, int]:
@@ -76,8 +81,13 @@ def percentiles(hist: Counter[int], scale: float) -> dict[str, float | None]:
 
 
 class Controller:
-    def __init__(self, plan: Plan, opts: LoadOptions, out: TextIO | None = None) -> None:
+    def __init__(
+        self, plan: Plan, opts: LoadOptions, out: TextIO | None = None, live: bool = False
+    ) -> None:
         self.plan = plan
+        self.live: Live | None = None
+        if live:
+            self.live = Live(console=Console(file=out or sys.stderr), refresh_per_second=4)
         self.opts = opts
         self.out = out or sys.stderr
         self.pipes: list[Pipe] = []
@@ -85,10 +95,14 @@ class Controller:
         self.latest: dict[int, dict[str, Any]] = {}
         self.timeline: list[dict[str, Any]] = []
         self.t0 = time.time()
+        self.last_line = -1.0
         self.deliveries: list[dict[str, Any]] = []
 
     def say(self, line: str) -> None:
-        print(f"load: {line}", file=self.out, flush=True)
+        if self.live is not None:
+            self.live.console.print(f"load: {line}", highlight=False)
+        else:
+            print(f"load: {line}", file=self.out, flush=True)
 
     def start(self) -> None:
         ctx = mp.get_context("forkserver")
@@ -100,6 +114,7 @@ class Controller:
             self.opts.subscribe,
             self.opts.connect_timeout,
             self.opts.fd_limit,
+            self.opts.source_ports,
         )
         for agent in self.plan.agents:
             mine, theirs = ctx.Pipe()
@@ -149,31 +164,49 @@ class Controller:
         self.timeline.append(s)
         return s
 
-    def ramp(self) -> float:
-        """Wait until every process has attempted its share; return the ramp seconds."""
+    def show(self, s: dict[str, Any], phase: str) -> None:
+        """Progress: a live table on a terminal, one quiet line a second otherwise."""
+        prev = self.timeline[-2] if len(self.timeline) > 1 else None
+        rate = 0.0
+        if prev and s["t"] > prev["t"]:
+            rate = (s["open"] - prev["open"]) / (s["t"] - prev["t"])
+        if self.live is None:
+            if s["t"] - self.last_line >= 1:
+                self.last_line = s["t"]
+                self.say(
+                    f"{phase}: open {s['open']:,}/{self.plan.connections:,} "
+                    f"ready {s['ready']:,} {rate:,.0f}/s errors {s['errors']:,} "
+                    f"load rss {s['rss_bytes'] / 2**20:.0f} MiB"
+                )
+            return
+        table = Table(title=f"manydoors load: {phase}", show_header=False)
+        table.add_row("connected", f"{s['open']:,} / {self.plan.connections:,}")
+        table.add_row("ready (hello'd, subscribed)", f"{s['ready']:,}")
+        table.add_row("rate", f"{rate:,.0f}/s")
+        table.add_row("load processes RSS", f"{s['rss_bytes'] / 2**20:,.0f} MiB")
+        for name, count in self.errors().most_common():
+            table.add_row(f"[red]{name}", f"{count:,}  {explain(name)}")
+        self.live.update(table)
+
+    def ramp(self) -> None:
+        """Wait until every process has attempted its share and the acks have arrived."""
         start = time.time()
-        last_print = 0.0
         while True:
-            self.poll(0.5)
+            self.poll(0.25)
             s = self.sample()
+            self.show(s, "ramp")
             done = len(self.latest) == len(self.procs) and all(
                 x["ramp_done"] for x in self.latest.values()
             )
             # Acks arrive after the connect: wait for them a little past the last connect.
             settled = s["ready"] + sum(self.errors().values()) >= self.plan.connections
-            if time.time() - last_print > 1 or done:
-                last_print = time.time()
-                self.say(
-                    f"open {s['open']:,}/{self.plan.connections:,} ready {s['ready']:,} "
-                    f"errors {s['errors']:,} load rss {s['rss_bytes'] / 2**20:.0f} MiB"
-                )
             if done and (settled or not self.opts.hello):
-                return time.time() - start
+                return
             if done and time.time() - start > self.opts.connect_timeout + 60:
-                return time.time() - start
+                return
             if not all(p.is_alive() for p in self.procs):
                 self.say("a load process died")
-                return time.time() - start
+                return
 
     def publish(self, n: int) -> None:
         assert self.opts.api
@@ -224,20 +257,24 @@ class Controller:
         self.say(self.plan.describe())
         self.start()
         rounds: list[dict[str, Any]] = []
+        if self.live is not None:
+            self.live.start()
         try:
             self.ramp()
             # The ramp ends at the last successful connect of the slowest process.
             ramp_s = max(s["ramp_seconds"] for s in self.latest.values())
-            peak = self.total("open")
             hold_until = time.monotonic() + self.opts.hold
             if self.opts.api and self.opts.broadcasts:
                 for n in range(1, self.opts.broadcasts + 1):
                     rounds.append(self.broadcast_round(n))
             while time.monotonic() < hold_until:
                 self.poll(min(1.0, max(0.0, hold_until - time.monotonic())))
-                self.sample()
+                self.show(self.sample(), "hold")
             final_open = self.total("open")
+            peak = self.total("peak")
         finally:
+            if self.live is not None:
+                self.live.stop()
             finals = self.stop()
         return self.report(finals, rounds, ramp_s, peak, final_open)
 
@@ -292,4 +329,12 @@ class Controller:
             "deliveries": deliveries,
             "load_rss_bytes": self.total("rss_bytes"),
             "timeline": self.timeline,
+            # Raw histograms for plots: bucket -> count (connect: 0.1 ms, delivery: 1 ms).
+            "histograms": {
+                "connect_0.1ms": {str(k): v for k, v in sorted(connect.items())},
+                "delivery_ms": {
+                    str(n): {str(k): v for k, v in sorted(h.items())}
+                    for n, h in sorted(latency.items())
+                },
+            },
         }

@@ -80,6 +80,19 @@ def parse_target(text: str) -> tuple[tuple[str, int], ...]:
     return tuple((host, p) for p in range(lo, hi + 1))
 
 
+def parse_port_range(text: str) -> tuple[int, int]:
+    """``40000-40009`` (or one port)."""
+    lo_s, dash, hi_s = text.partition("-")
+    try:
+        lo = int(lo_s)
+        hi = int(hi_s) if dash else lo
+    except ValueError:
+        raise PlanError(f"port range {text!r}: expected LO-HI") from None
+    if not 0 < lo <= hi <= 65535:
+        raise PlanError(f"port range {text!r}: must be within 1-65535, low to high")
+    return lo, hi
+
+
 def parse_ip_range(text: str) -> tuple[str, ...]:
     """``127.0.1.1-127.0.1.64``, a single address, or a comma-separated list of either."""
     out: list[str] = []
@@ -111,13 +124,22 @@ def make_plan(
     source_ips: tuple[str, ...] | None = None,
     processes: int | None = None,
     fd_reserve: int = 64,
+    explicit_ports: bool = False,
+    force: bool = False,
 ) -> Plan:
+    """Split ``connections`` over lanes and processes.
+
+    ``explicit_ports``: ``port_range`` was given for the load's own sockets (each
+    socket is limited to it), so lanes may fill it entirely. ``force``: plan even when
+    the lanes cannot hold the count, to watch the kernel refuse (EADDRNOTAVAIL).
+    """
     if connections < 1:
         raise PlanError("connections must be at least 1")
     if not targets:
         raise PlanError("no target to connect to")
     lo, hi = port_range
-    lane_capacity = int((hi - lo + 1) * LANE_FILL)
+    fill = 1.0 if explicit_ports else LANE_FILL
+    lane_capacity = int((hi - lo + 1) * fill)
     if lane_capacity < 1:
         raise PlanError(f"ephemeral port range {lo}-{hi} leaves no ports for connections")
     per_ip = lane_capacity * len(targets)
@@ -127,12 +149,12 @@ def make_plan(
         sparse = min(lane_capacity, SPARSE_LANE) * len(targets)
         source_ips = default_source_ips(math.ceil(connections / sparse))
     reachable = per_ip * len(source_ips)
-    if reachable < connections:
+    if reachable < connections and not force:
         need = math.ceil(connections / per_ip)
         raise PlanError(
             f"cannot open {connections:,} connections: {len(source_ips)} source IPs x "
             f"{len(targets)} target ports x {lane_capacity:,} ports per lane "
-            f"(range {lo}-{hi} filled to {LANE_FILL:.0%}) = {reachable:,}. "
+            f"(range {lo}-{hi} filled to {fill:.0%}) = {reachable:,}. "
             f"Use at least {need} source IPs, or more target ports, or widen "
             "net.ipv4.ip_local_port_range."
         )
