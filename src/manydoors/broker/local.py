@@ -25,7 +25,9 @@ class LocalBroker(Broker):
     def __init__(self) -> None:
         self.links: set[Link] = set()
         self.channels: dict[str, set[Link]] = {}
-        self.users: dict[str, set[Link]] = {}
+        # A user is almost always on one worker: store that link itself, not a set of one
+        # (a million users would otherwise cost a million sets here).
+        self.users: dict[str, Link | set[Link]] = {}
         self.seqs: dict[str, int] = {}
         self.broadcast_seq = 0
         self.published = 0
@@ -36,12 +38,10 @@ class LocalBroker(Broker):
 
     def detach(self, link: Link) -> None:
         self.links.discard(link)
-        for table in (self.channels, self.users):
-            for key in [k for k, held in table.items() if link in held]:
-                held = table[key]
-                held.discard(link)
-                if not held:
-                    del table[key]
+        for key in [k for k, held in self.channels.items() if link in held]:
+            _forget(self.channels, key, link)
+        for key in [k for k, held in self.users.items() if _holds(held, link)]:
+            _forget_user(self.users, key, link)
 
     def on_frame(self, link: Link, kind: int, key: str, payload: bytes) -> None:
         if kind == Kind.PUB or kind == Kind.SEND:
@@ -59,9 +59,15 @@ class LocalBroker(Broker):
         elif kind == Kind.UNSUB:
             _forget(self.channels, key, link)
         elif kind == Kind.USER_ON:
-            self.users.setdefault(key, set()).add(link)
+            held = self.users.get(key)
+            if held is None:
+                self.users[key] = link
+            elif isinstance(held, set):
+                held.add(link)
+            elif held is not link:
+                self.users[key] = {held, link}
         elif kind == Kind.USER_OFF:
-            _forget(self.users, key, link)
+            _forget_user(self.users, key, link)
         elif kind == Kind.SYNC:
             link.send(Kind.SYNCED)
         else:
@@ -81,9 +87,10 @@ class LocalBroker(Broker):
 
     def publish_user(self, user: str, sender: str | None, data: Raw) -> int:
         self.published += 1
-        targets = self.users.get(user)
-        if not targets:
+        held = self.users.get(user)
+        if held is None:
             return 0
+        targets = held if isinstance(held, set) else (held,)
         frame = encode_frame(Kind.DELIVER_USER, user, dm_line(sender, data))
         for link in targets:
             link.send_frame(frame)
@@ -113,3 +120,17 @@ def _forget(table: dict[str, set[Link]], key: str, link: Link) -> None:
         held.discard(link)
         if not held:
             del table[key]
+
+
+def _holds(held: Link | set[Link], link: Link) -> bool:
+    return link in held if isinstance(held, set) else held is link
+
+
+def _forget_user(users: dict[str, Link | set[Link]], user: str, link: Link) -> None:
+    held = users.get(user)
+    if held is link:
+        del users[user]
+    elif isinstance(held, set):
+        held.discard(link)
+        if len(held) == 1:
+            users[user] = held.pop()

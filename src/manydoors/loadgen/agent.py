@@ -108,6 +108,7 @@ class Agent:
         self.latency: dict[int, Counter[int]] = {}  # message number -> 1 ms buckets
         self.duplicates = 0
         self.ramp_done = False
+        self.rss_start = _rss()  # this process before its first connection
         self.first_attempt = self.last_connect = 0.0
         self.peak = 0
         self.stop = asyncio.Event()
@@ -320,6 +321,7 @@ class Agent:
             "ramp_done": self.ramp_done,
             "ramp_seconds": max(0.0, self.last_connect - self.first_attempt),
             "rss_bytes": _rss(),
+            "rss_start": self.rss_start,
             "final": final,
         }
         if final:

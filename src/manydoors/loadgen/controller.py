@@ -62,7 +62,10 @@ def machine_info() -> dict[str, Any]:
 
 
 def percentiles(hist: Counter[int], scale: float) -> dict[str, float | None]:
-    """p50/p90/p99/max of a bucketed histogram; ``scale`` turns buckets into ms."""
+    """p50/p90/p99/max of a bucketed histogram; ``scale`` turns buckets into ms.
+
+    A bucket is reported by its upper edge: "p50 0.1 ms" means half took <= 0.1 ms.
+    """
     total = sum(hist.values())
     if not total:
         return {"p50": None, "p90": None, "p99": None, "max": None}
@@ -74,9 +77,9 @@ def percentiles(hist: Counter[int], scale: float) -> dict[str, float | None]:
     for bucket in keys:
         seen += hist[bucket]
         while i < len(marks) and seen >= marks[i][1] * total:
-            out[marks[i][0]] = round(bucket * scale, 3)
+            out[marks[i][0]] = round((bucket + 1) * scale, 3)
             i += 1
-    out["max"] = round(keys[-1] * scale, 3)
+    out["max"] = round((keys[-1] + 1) * scale, 3)
     return out
 
 
@@ -328,6 +331,7 @@ class Controller:
             "duplicates": self.total("duplicates"),
             "deliveries": deliveries,
             "load_rss_bytes": self.total("rss_bytes"),
+            "load_rss_start_bytes": self.total("rss_start"),
             "timeline": self.timeline,
             # Raw histograms for plots: bucket -> count (connect: 0.1 ms, delivery: 1 ms).
             "histograms": {

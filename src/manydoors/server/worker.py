@@ -84,6 +84,7 @@ class Worker:
         # Acks that must wait until the broker has applied our earlier interest frames.
         self.dirty = False
         self.waiting: deque[list[tuple[Connection, OpId]]] = deque()
+        self.unsynced: list[tuple[Connection, OpId]] = []  # acks of this loop iteration
         row = spec.slot
         ix = {name: stats.index(col, row) for name, col in COL.items()}
         self.i_conn = ix["connections"]
@@ -168,14 +169,23 @@ class Worker:
         """
         if op_id is None:
             return
-        if self.dirty and self.link is not None:
-            self.dirty = False
-            self.link.send(Kind.SYNC)
-            self.waiting.append([(conn, op_id)])
+        if self.dirty or self.unsynced:
+            # One SYNC per loop iteration covers every ack of the iteration: a burst of
+            # hellos costs the broker one round trip, not one per connection.
+            if not self.unsynced:
+                asyncio.get_running_loop().call_soon(self.sync)
+            self.unsynced.append((conn, op_id))
         elif self.waiting:
             self.waiting[-1].append((conn, op_id))
         else:
             conn.write(ok_line(op_id))
+
+    def sync(self) -> None:
+        self.dirty = False
+        if self.link is not None:
+            self.link.send(Kind.SYNC)
+        self.waiting.append(self.unsynced)
+        self.unsynced = []
 
     def hello(self, conn: Connection, op: Hello) -> None:
         new, lost = self.hub.set_user(conn, op.user)
@@ -219,8 +229,12 @@ class Worker:
         elif kind == Kind.DELIVER_ALL:
             self.fanout(hub.conns, payload)
         elif kind == Kind.SYNCED and self.waiting:
+            # A hello and a sub sent together are acked in one write.
+            acks: dict[Connection, bytes] = {}
             for conn, op_id in self.waiting.popleft():
-                conn.write(ok_line(op_id))
+                acks[conn] = acks.get(conn, b"") + ok_line(op_id)
+            for conn, lines in acks.items():
+                conn.write(lines)
 
     def fanout(self, members: Iterable[Connection], line: bytes) -> None:
         # The hot loop of a broadcast: one write of the same bytes per recipient.

@@ -1,0 +1,113 @@
+"""The 1M benchmark: a million connections held on this machine, then broadcast to.
+
+    ./run bench c1m [--connections 1000000] [--rate 30000] [--hold 60] [--broadcasts 3]
+
+Starts a server sized for the count and the load generator on this same machine,
+ramps, holds, broadcasts, stops everything, and writes to bench/results/:
+c1m.json (summary), c1m-load.json (the load report), c1m.png (its plot) and
+c1m-stats.json (the server's final /api/stats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from _common import RESULTS, get, load, machine, save, server
+
+
+def meminfo() -> dict[str, int]:
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, value = line.split(":")
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--connections", type=int, default=1_000_000)
+    p.add_argument("--rate", type=int, default=30_000)
+    p.add_argument("--hold", type=float, default=60)
+    p.add_argument("--broadcasts", type=int, default=3)
+    p.add_argument("--name", default="c1m")
+    args = p.parse_args()
+    n = args.connections
+    paths = {k: os.path.join(RESULTS, f"{args.name}{k}") for k in ("-load.json", ".png",
+                                                                  "-stats.json")}
+    os.makedirs(RESULTS, exist_ok=True)
+    before = meminfo()
+    peak: dict[str, int] = {"server_rss": 0, "slab": 0, "connections": 0}
+    with server("--max-connections", str(n), "--drain-timeout", "60") as srv:
+        pids = srv.worker_pids()
+        server_base = sum(rss(pid) for pid in pids) + rss(srv.proc.pid)
+        started = time.time()
+        gen = load("--target", f"127.0.0.1:{srv.port}", "--connections", str(n),
+                   "--rate", str(args.rate), "--subscribe", "veg", "--api", srv.api,
+                   "--broadcasts", str(args.broadcasts), "--hold", str(args.hold),
+                   "--delivery-timeout", "60", "--report", paths["-load.json"],
+                   "--plot", paths[".png"])
+        while gen.poll() is None:
+            time.sleep(2)
+            stats = srv.stats()
+            if stats["connections"] >= peak["connections"]:
+                peak["connections"] = stats["connections"]
+                peak["server_rss"] = sum(rss(pid) for pid in pids) + rss(srv.proc.pid)
+                peak["slab"] = meminfo()["Slab"]
+        final_stats = get(srv.api + "/api/stats")
+        elapsed = time.time() - started
+    with open(paths["-stats.json"], "w") as f:
+        json.dump(final_stats, f, indent=1)
+    with open(paths["-load.json"]) as f:
+        report = json.load(f)
+    held = report["connections"]["peak"]
+    workers = len(final_stats["services"][0]["workers"])
+    load_base = report["load_rss_start_bytes"]
+    kernel = peak["slab"] - before["Slab"]
+    result = {
+        "machine": machine(),
+        "connections": report["connections"],
+        "errors": report["errors"],
+        "ramp_per_second": report["rate_achieved"],
+        "connect_ms": report["connect_ms"],
+        "server": {
+            "workers": workers,
+            "rss_bytes_at_peak": peak["server_rss"],
+            "rss_bytes_at_start": server_base,
+            "user_bytes_per_connection": round((peak["server_rss"] - server_base) / max(1, held)),
+        },
+        "load": {
+            "processes": report["plan"]["processes"],
+            "rss_bytes": report["load_rss_bytes"],
+            "rss_bytes_at_start": load_base,
+            "user_bytes_per_connection": round(
+                (report["load_rss_bytes"] - load_base) / max(1, held)
+            ),
+        },
+        "kernel": {
+            "slab_growth_bytes": kernel,
+            "bytes_per_connection_pair": round(kernel / max(1, held)),
+        },
+        "deliveries": report["deliveries"],
+        "elapsed_s": round(elapsed, 1),
+        "server_refused": final_stats["refused"],
+    }
+    print(json.dumps(result, indent=1))
+    print(f"saved {save(args.name, result)}", file=sys.stderr)
+    return 0 if held == n and not report["errors"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
