@@ -25,6 +25,7 @@ import msgspec
 import uvloop
 
 from ..protocol.framing import TOO_LONG, LineFramer
+from ..server.worker import GC_THRESHOLDS
 from .planner import AgentPlan
 
 IP_BIND_ADDRESS_NO_PORT: Final = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -377,5 +378,6 @@ def agent_main(plan: AgentPlan, opts: AgentOptions, pipe: Pipe) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(opts.fd_limit, hard), hard))
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)  # same reason as in the server's worker
     uvloop.run(Agent(plan, opts, pipe).run())
     os._exit(0)
