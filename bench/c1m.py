@@ -45,8 +45,9 @@ def main() -> int:
     p.add_argument("--name", default="c1m")
     args = p.parse_args()
     n = args.connections
-    paths = {k: os.path.join(RESULTS, f"{args.name}{k}") for k in ("-load.json", ".png",
-                                                                  "-stats.json")}
+    paths = {
+        k: os.path.join(RESULTS, f"{args.name}{k}") for k in ("-load.json", ".png", "-stats.json")
+    }
     os.makedirs(RESULTS, exist_ok=True)
     before = meminfo()
     peak: dict[str, int] = {"server_rss": 0, "slab": 0, "connections": 0}
@@ -54,11 +55,28 @@ def main() -> int:
         pids = srv.worker_pids()
         server_base = sum(rss(pid) for pid in pids) + rss(srv.proc.pid)
         started = time.time()
-        gen = load("--target", f"127.0.0.1:{srv.port}", "--connections", str(n),
-                   "--rate", str(args.rate), "--subscribe", "veg", "--api", srv.api,
-                   "--broadcasts", str(args.broadcasts), "--hold", str(args.hold),
-                   "--delivery-timeout", "60", "--report", paths["-load.json"],
-                   "--plot", paths[".png"])
+        gen = load(
+            "--target",
+            f"127.0.0.1:{srv.port}",
+            "--connections",
+            str(n),
+            "--rate",
+            str(args.rate),
+            "--subscribe",
+            "veg",
+            "--api",
+            srv.api,
+            "--broadcasts",
+            str(args.broadcasts),
+            "--hold",
+            str(args.hold),
+            "--delivery-timeout",
+            "60",
+            "--report",
+            paths["-load.json"],
+            "--plot",
+            paths[".png"],
+        )
         while gen.poll() is None:
             time.sleep(2)
             stats = srv.stats()
