@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -77,13 +78,18 @@ def main() -> int:
             "--plot",
             paths[".png"],
         )
-        while gen.poll() is None:
-            time.sleep(2)
-            stats = srv.stats()
-            if stats["connections"] >= peak["connections"]:
-                peak["connections"] = stats["connections"]
-                peak["server_rss"] = sum(rss(pid) for pid in pids) + rss(srv.proc.pid)
-                peak["slab"] = meminfo()["Slab"]
+        try:
+            while gen.poll() is None:
+                time.sleep(2)
+                stats = srv.stats()
+                if stats["connections"] >= peak["connections"]:
+                    peak["connections"] = stats["connections"]
+                    peak["server_rss"] = sum(rss(pid) for pid in pids) + rss(srv.proc.pid)
+                    peak["slab"] = meminfo()["Slab"]
+        finally:
+            if gen.poll() is None:  # interrupted: the load generator stops its processes
+                gen.send_signal(signal.SIGINT)
+                gen.wait(120)
         final_stats = get(srv.api + "/api/stats")
         elapsed = time.time() - started
     with open(paths["-stats.json"], "w") as f:

@@ -30,7 +30,7 @@ from .planner import AgentPlan
 
 IP_BIND_ADDRESS_NO_PORT: Final = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 IP_LOCAL_PORT_RANGE: Final = getattr(socket, "IP_LOCAL_PORT_RANGE", 51)
-MAX_IN_FLIGHT: Final = 1024  # connects outstanding per process
+MAX_IN_FLIGHT: Final = 512  # connects (and unacked hellos) outstanding per process
 TICK: Final = 0.005
 REPORT_EVERY: Final = 0.5
 LINE_LIMIT: Final = 1024 * 1024
@@ -290,7 +290,11 @@ class Agent:
             while left and not self.stop.is_set():
                 now = loop.time()
                 due = int((now - start) * self.opts.rate) + 1 - self.attempted
-                room = MAX_IN_FLIGHT - len(self.connecting)
+                # Backpressure: connects in flight and connections still waiting for
+                # their ack both count, so a server that falls behind slows the ramp
+                # instead of drowning in connections it has not greeted yet.
+                waiting_ack = self.open_now - self.ready if self.opts.hello else 0
+                room = MAX_IN_FLIGHT - len(self.connecting) - waiting_ack
                 for _ in range(max(0, min(due, room, left))):
                     self.open_one(lane.src, lane.dst, lane.port, user)
                     self.attempted += 1

@@ -99,7 +99,6 @@ class Controller:
         self.timeline: list[dict[str, Any]] = []
         self.t0 = time.time()
         self.last_line = -1.0
-        self.deliveries: list[dict[str, Any]] = []
 
     def say(self, line: str) -> None:
         if self.live is not None:

@@ -46,9 +46,6 @@ class StatsTable:
     def index(self, counter: int, row: int) -> int:
         return counter * self.rows + row
 
-    def get(self, counter: int, row: int) -> int:
-        return int(self.mv[counter * self.rows + row])
-
     def row(self, row: int) -> dict[str, int]:
         return {name: int(self.mv[i * self.rows + row]) for i, name in enumerate(COUNTERS)}
 
