@@ -61,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .loadgen.cli import add_parser as add_load_parser
 
     add_load_parser(sub)
+    from .doctor.cli import add_parser as add_doctor_parser
+
+    add_doctor_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
@@ -68,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .loadgen.cli import run as run_load
 
         return run_load(args)
+    if args.command == "doctor":
+        from .doctor.cli import run as run_doctor
+
+        return run_doctor(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -364,10 +364,12 @@ class Agent:
         await self.stop.wait()
         ramp.cancel()
         reporter.cancel()
+        loop.remove_reader(self.pipe.fileno())
+        # Report first: closing tens of thousands of sockets on a busy machine takes a
+        # while, and the controller should not have to wait for it to get the figures.
+        self.pipe.send(self.snapshot(final=True))
         for conn in [*self.conns, *self.connecting.values()]:
             self.close(conn, None)
-        loop.remove_reader(self.pipe.fileno())
-        self.pipe.send(self.snapshot(final=True))
 
 
 def _rss() -> int:

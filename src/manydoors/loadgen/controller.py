@@ -20,7 +20,7 @@ from rich.live import Live
 from rich.table import Table
 
 from ..apiclient import post_json
-from .agent import AgentOptions, agent_main
+from .agent import REPORT_EVERY, AgentOptions, agent_main
 from .errors import explain
 from .planner import Plan
 
@@ -219,6 +219,7 @@ class Controller:
         post_json(self.opts.api.rstrip("/") + "/api/publish", {**target, "data": stamp})
 
     def broadcast_round(self, n: int) -> dict[str, Any]:
+        self.poll(REPORT_EVERY + 0.1)  # fresh snapshots: "expected" is who is ready now
         expected = self.total("ready")
         t_pub = time.time()
         self.publish(n)
@@ -238,7 +239,7 @@ class Controller:
             with contextlib.suppress(OSError):
                 pipe.send("stop")
         finals: dict[int, dict[str, Any]] = {}
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while len(finals) < len(self.pipes) and time.monotonic() < deadline:
             for pipe in cast(list[Pipe], wait_pipes(self.pipes, timeout=1)):
                 try:
