@@ -283,14 +283,15 @@ def test_netdev_backlog_fails_only_when_packets_were_dropped(tmp_path):
     assert check.status == "fail" and "1,697 packets dropped" in check.why
 
 
-def test_tcp_mem_ok_under_pressure_warns_and_below_max_fails(tmp_path):
+def test_tcp_mem_ok_above_the_need_and_only_warns_below_it(tmp_path):
     name = "net.ipv4.tcp_mem"
     assert status(make_root(tmp_path / "a"), name) == "ok"
     pressure = make_root(tmp_path / "b", **{sysctl(name): "287901 383869 1200000"})
     assert status(pressure, name) == "warn"
     low = make_root(tmp_path / "c", **{sysctl(name): "287901 383869 575802"})
     check = run_checks(low)[name]
-    assert (check.status, check.needed) == ("fail", "287901 1000000 1250000")
+    # Measured: a 1M broadcast stayed out of memory pressure with these values.
+    assert (check.status, check.needed) == ("warn", "287901 1000000 1250000")
 
 
 def test_port_range_ok_narrow_warns_and_too_few_source_ips_fail(tmp_path):

@@ -273,11 +273,14 @@ def check_tcp_mem(limits: Limits, scen: Scenario) -> Check:
     mem = limits.tcp_mem
     if mem is None or len(mem) != 3:
         return unreadable(name, "/proc/sys/net/ipv4/tcp_mem")
-    # A socket with any data queued holds at least one page of TCP memory; during a
-    # broadcast every connection has a message queued (both ends when both are here).
+    # A socket with any data queued holds at least one page of TCP memory; in a
+    # broadcast every connection may have a message queued at once (both ends when both
+    # are here). Only a warning: the 1M benchmark broadcast three times with
+    # tcp_mem 287901 383869 575802 and the kernel never entered memory pressure
+    # (TcpExt TCPMemoryPressures stayed 0), because readers drain as writers fill.
     need = scen.target * (2 if scen.role == "both" else 1)
     want = (mem[0], need, math.ceil(need * 1.25))
-    status = OK if mem[1] >= need else WARN if mem[2] >= need else FAIL
+    status = OK if mem[1] >= need else WARN
     rmem = limits.tcp_rmem[0] if limits.tcp_rmem else PAGE
     wmem = limits.tcp_wmem[0] if limits.tcp_wmem else PAGE
     why = (

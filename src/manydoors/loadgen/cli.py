@@ -8,6 +8,7 @@ import resource
 import sys
 from typing import Any
 
+from ..doctor.capacity import startup_warning
 from .controller import Controller, LoadOptions, read_port_range
 from .errors import explain
 from .planner import PlanError, make_plan, parse_ip_range, parse_port_range, parse_target
@@ -45,6 +46,9 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     fd_limit = min(args.fd_limit or hard, hard)
+    warning = startup_warning("client", args.connections, fd_limit=fd_limit)
+    if warning:
+        print(f"load: warning: {warning}", file=sys.stderr)
     if args.broadcasts and not args.api:
         print("load: --broadcasts needs --api", file=sys.stderr)
         return 2
