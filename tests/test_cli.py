@@ -39,8 +39,17 @@ def test_load_refuses_a_plan_that_cannot_reach_the_count(capsys):
 def test_load_warns_at_start_when_a_machine_limit_binds_before_the_target(capsys):
     # Far beyond what this machine's memory allows: the doctor's one-line warning comes
     # first, then the plan refuses (one source IP) before any process starts.
-    code = main(["load", "--connections", "50000000", "--source-ips", "127.0.1.1",
-                 "--target", "127.0.0.1:1"])
+    code = main(
+        [
+            "load",
+            "--connections",
+            "50000000",
+            "--source-ips",
+            "127.0.1.1",
+            "--target",
+            "127.0.0.1:1",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "load: warning:" in err and "binds at" in err and "manydoors doctor" in err
