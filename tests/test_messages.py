@@ -358,6 +358,8 @@ def test_error_codes_are_the_documented_ones() -> None:
         "bad_field",
         "too_long",
         "server_full",
+        "bad_frame",  # WebSocket: a frame the service does not take (binary, protocol error)
+        "bad_handshake",  # WebSocket: the HTTP upgrade was refused
     }
 
 

@@ -310,3 +310,35 @@ def test_lines_after_a_bad_input_close_are_not_acted_on(serve, clients):
     server.publish(channel="x", data="after")
     assert watcher.recv()["data"] == "after"
     assert server.stats()["closed"]["bad_input"] == 1
+
+
+def test_connections_endpoint_and_top_show_live_connections(serve, clients):
+    import subprocess
+
+    from conftest import manydoors_cmd
+
+    server = serve("--workers", "2", "--max-connections", "1000")
+    alice = clients(server.port())
+    alice.call({"op": "hello", "user": "alice", "id": 1})
+    alice.call({"op": "sub", "channel": "veg", "id": 2})
+    clients(server.port())
+    status, body = server.http("GET", "/api/connections?limit=10")
+    assert status == 200
+    rows = body["connections"]
+    assert len(rows) == 2
+    mine = next(r for r in rows if r["user"] == "alice")
+    local_port = alice.sock.getsockname()[1]
+    assert mine["tuple"] == ["tcp", "127.0.0.1", local_port, "127.0.0.1", server.port()]
+    assert mine["channels"] == ["veg"] and mine["service"] == "chat"
+    assert server.http("GET", "/api/connections?service=nope")[0] == 404
+    out = subprocess.run(
+        manydoors_cmd("top", "--api", server.api, "--once"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"COLUMNS": "160", "PATH": ""},
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"127.0.0.1:{local_port}" in out.stdout and "alice" in out.stdout
+    for pid in server.worker_pids():
+        assert str(pid) in out.stdout

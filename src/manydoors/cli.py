@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import config as cfg
+from . import top
 
 
 def _serve_parser(sub: Any) -> None:
@@ -58,25 +59,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
-    from .loadgen.cli import add_parser as add_load_parser
+    from .doctor import cli as doctor_cli
+    from .loadgen import cli as load_cli
 
-    add_load_parser(sub)
-    from .doctor.cli import add_parser as add_doctor_parser
-
-    add_doctor_parser(sub)
+    load_cli.add_parser(sub)
+    doctor_cli.add_parser(sub)
+    top.add_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        return serve(args)
-    if args.command == "load":
-        from .loadgen.cli import run as run_load
-
-        return run_load(args)
-    if args.command == "doctor":
-        from .doctor.cli import run as run_doctor
-
-        return run_doctor(args)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    commands = {"serve": serve, "load": load_cli.run, "doctor": doctor_cli.run, "top": top.run}
+    return int(commands[args.command](args))
 
 
 def entry() -> None:

@@ -17,7 +17,7 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message says which key and why."""
 
 
-PROTOCOLS: Final = ("tcp",)
+PROTOCOLS: Final = ("tcp", "websocket")
 
 # What each field annotation (a string here, see the __future__ import) accepts; a TOML
 # file can give any key any type, and bool is an int to isinstance.

@@ -26,6 +26,7 @@ import uvloop
 
 from ..protocol.framing import TOO_LONG, LineFramer
 from ..server.worker import GC_THRESHOLDS
+from . import wsclient
 from .planner import AgentPlan
 
 IP_BIND_ADDRESS_NO_PORT: Final = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -44,6 +45,7 @@ class AgentOptions:
     connect_timeout: float
     fd_limit: int
     source_ports: tuple[int, int] | None = None  # per-socket ephemeral range
+    ws: bool = False  # speak WebSocket (the same JSON messages in text frames)
 
 
 class Event(msgspec.Struct):
@@ -81,6 +83,17 @@ class LoadConn(LineFramer):
         self.started = started
         self.got = 0  # bit n set: message number n arrived
         self.ready = False
+
+
+class WsLoadConn(LoadConn):
+    """A WebSocket connection: bytes of an unfinished HTTP head or frame, and the state."""
+
+    __slots__ = ("buf", "upgraded")
+
+    def __init__(self, sock: socket.socket, started: float) -> None:
+        super().__init__(sock, started)
+        self.buf = b""
+        self.upgraded = False
 
 
 def _errno_name(exc: BaseException) -> str:
@@ -183,13 +196,19 @@ class Agent:
     # --- ramp -----------------------------------------------------------------------
 
     def greeting(self, user: int) -> bytes:
+        hello = b'{"op":"hello","user":"u%d","id":1}' % user
+        sub = b""
+        if self.opts.subscribe:
+            sub = msgspec.json.encode({"op": "sub", "channel": self.opts.subscribe, "id": 2})
+        if self.opts.ws:
+            # The server takes frames sent right behind the upgrade request.
+            out = wsclient.upgrade_request("load", 0)
+            if self.opts.hello:
+                out += wsclient.masked_text(hello) + (wsclient.masked_text(sub) if sub else b"")
+            return out
         if not self.opts.hello:
             return b""
-        line = b'{"op":"hello","user":"u%d","id":1}\n' % user
-        if self.opts.subscribe:
-            line += msgspec.json.encode({"op": "sub", "channel": self.opts.subscribe, "id": 2})
-            line += b"\n"
-        return line
+        return hello + b"\n" + (sub + b"\n" if sub else b"")
 
     def open_one(self, src: str, dst: str, port: int, user: int) -> None:
         try:
@@ -206,7 +225,7 @@ class Agent:
             sock.close()
             self.errors[_errno_name(exc)] += 1
             return
-        conn = LoadConn(sock, time.perf_counter())
+        conn = (WsLoadConn if self.opts.ws else LoadConn)(sock, time.perf_counter())
         code = sock.connect_ex((dst, port))
         if code == errno.EINPROGRESS:
             # On loopback the kernel usually completes the handshake before connect()
@@ -246,7 +265,7 @@ class Agent:
         self.open_now += 1
         self.peak = max(self.peak, self.open_now)
         self.conns.add(conn)
-        if not self.opts.hello:
+        if not self.opts.hello and not self.opts.ws:
             # --raw only holds: not reading saves a poll registration per connection
             # (what the server sends waits in the kernel buffer).
             conn.ready = True
@@ -269,9 +288,35 @@ class Agent:
         self.received_data(conn, data)
 
     def received_data(self, conn: LoadConn, data: bytes) -> None:
+        if isinstance(conn, WsLoadConn):
+            self.received_ws(conn, data)
+            return
         for line in conn.feed_lines(data, LINE_LIMIT):
             if line is not TOO_LONG:
                 self.on_line(conn, cast(bytes, line))
+
+    def received_ws(self, conn: WsLoadConn, data: bytes) -> None:
+        buf = conn.buf + data
+        if not conn.upgraded:
+            try:
+                conn.upgraded, buf = wsclient.split_response(buf)
+            except wsclient.UpgradeFailed as exc:
+                # A refusal before the upgrade is an HTTP answer whose body is the event.
+                body = buf[buf.find(b"\r\n\r\n") + 4 :]
+                if body.startswith(b"{"):
+                    self.on_line(conn, body)
+                else:
+                    self.errors[f"upgrade refused: {exc}"] += 1
+                self.close(conn, None)
+                return
+            if not conn.upgraded:
+                conn.buf = buf
+                return
+        payloads, closed, conn.buf = wsclient.read_frames(buf)
+        for payload in payloads:
+            self.on_line(conn, payload)
+        if closed:
+            self.close(conn, None if self.stop.is_set() else "closed_by_server")
 
     def sweep(self) -> None:
         """Fail connects that have been in flight longer than the timeout."""

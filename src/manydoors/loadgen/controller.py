@@ -37,6 +37,7 @@ class LoadOptions:
     connect_timeout: float
     fd_limit: int
     source_ports: tuple[int, int] | None = None
+    ws: bool = False
 
 
 def read_port_range(root: str = "/") -> tuple[int, int]:
@@ -117,6 +118,7 @@ class Controller:
             self.opts.connect_timeout,
             self.opts.fd_limit,
             self.opts.source_ports,
+            self.opts.ws,
         )
         for agent in self.plan.agents:
             mine, theirs = ctx.Pipe()

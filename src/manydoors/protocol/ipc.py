@@ -26,11 +26,13 @@ class Kind(IntEnum):
     SEND = 6  # message to user <key>; payload = [from, data]
     SYNC = 7  # echo me back: everything I sent before has been applied
     READY = 8  # the worker is accepting; key = its pid
+    SAMPLED = 9  # answer to SAMPLE; payload = JSON list of connections
     # broker -> worker
     DELIVER_CHANNEL = 20  # payload = encoded event line for subscribers of <key>
     DELIVER_USER = 21  # payload = encoded event line for connections of user <key>
     DELIVER_ALL = 22  # payload = encoded event line for every connection
     SYNCED = 23
+    SAMPLE = 24  # send me up to <key> of your connections (for /api/connections)
 
 
 def encode_frame(kind: Kind, key: str = "", payload: bytes = b"") -> bytes:

@@ -73,6 +73,8 @@ ERROR_CODES: Final = (
     "bad_field",
     "too_long",
     "server_full",
+    "bad_frame",
+    "bad_handshake",
 )
 
 _op_decoder: Final[msgspec.json.Decoder[ClientOp]] = msgspec.json.Decoder(ClientOp)

@@ -1,8 +1,11 @@
-"""The HTTP API (aiohttp): publish, stats, health, Prometheus metrics."""
+"""The HTTP API (aiohttp): publish, stats, health, Prometheus metrics, live dashboard."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -17,6 +20,8 @@ if TYPE_CHECKING:
     from .supervisor import Supervisor
 
 MAX_BODY = 1024 * 1024
+STREAM_INTERVAL = 1.0  # seconds between two events of /api/stream
+STATIC = Path(__file__).parent / "static"
 
 
 class PublishBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -30,6 +35,8 @@ class PublishBody(msgspec.Struct, forbid_unknown_fields=True):
 _decode_publish = msgspec.json.Decoder(PublishBody).decode
 _SUP: web.AppKey[Supervisor] = web.AppKey("supervisor")
 _REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
+_STREAMS: web.AppKey[set[web.StreamResponse]] = web.AppKey("streams")
+_STOPPING: web.AppKey[asyncio.Event] = web.AppKey("stopping")
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -68,6 +75,19 @@ async def publish(request: web.Request) -> web.Response:
     else:
         workers = broker.broadcast(body.sender, body.data)
     return _json({"accepted": True, "workers": workers}, 202)
+
+
+async def connections(request: web.Request) -> web.Response:
+    """A sample of live connections: ``?service=NAME&limit=N`` (default 20, at most 1000)."""
+    try:
+        limit = min(1000, max(0, int(request.query.get("limit", "20"))))
+    except ValueError:
+        return _error(400, "bad_field", "limit must be a number")
+    service = request.query.get("service") or None
+    sup = request.app[_SUP]
+    if service is not None and service not in {p.service.name for p in sup.pools}:
+        return _error(404, "unknown_service", f"no service named {service!r}")
+    return _json({"connections": await sup.connections(service, limit)})
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -140,16 +160,66 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: one ``data: <stats JSON>`` event per second until either side stops."""
+    app = request.app
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # proxies must pass each event on at once
+        }
+    )
+    resp.force_close()  # the connection ends with the stream, never back to keep-alive
+    stopping = app[_STOPPING]
+    app[_STREAMS].add(resp)
+    try:
+        await resp.prepare(request)
+        await resp.write(b"retry: 1000\n\n")
+        while not stopping.is_set():
+            event = b"data: " + msgspec.json.encode(app[_SUP].stats()) + b"\n\n"
+            await resp.write(event)
+            # Wakes at once on shutdown instead of holding runner.cleanup for a tick.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), STREAM_INTERVAL)
+    except ConnectionError:
+        pass  # the client went away: a write to its closed transport tells us
+    finally:
+        app[_STREAMS].discard(resp)
+    return resp
+
+
+async def _end_streams(app: web.Application) -> None:
+    # on_shutdown runs before aiohttp waits for open handlers: let every stream return.
+    app[_STOPPING].set()
+    streams = app[_STREAMS]
+    for _ in range(100):
+        if not streams:
+            break
+        await asyncio.sleep(0.01)
+
+
 async def start_api(sup: Supervisor) -> web.AppRunner:
     app = web.Application(client_max_size=MAX_BODY)
     app[_SUP] = sup
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(sup))
     app[_REGISTRY] = registry
+    app[_STREAMS] = set()
+    app[_STOPPING] = asyncio.Event()
+    app.on_shutdown.append(_end_streams)
     app.add_routes(
         [
+            web.get("/", index),
+            web.get("/api/stream", stream),
+            web.static("/static", STATIC),
             web.post("/api/publish", publish),
             web.get("/api/stats", stats),
+            web.get("/api/connections", connections),
             web.get("/healthz", healthz),
             web.get("/metrics", metrics),
         ]

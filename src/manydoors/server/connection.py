@@ -1,10 +1,11 @@
-"""The TCP connection: a thin asyncio shell around the sans-I/O framer and schema.
+"""Client connections: thin asyncio shells around the sans-I/O framers and schema.
 
-``data_received`` feeds the framer, decodes each line and dispatches it to the
+``data_received`` feeds the framer, decodes each message and dispatches it to the
 worker; everything else (routing, counting, broker traffic) lives in the worker.
-A Connection is the per-door object, so it keeps only ``__slots__`` and reaches the
+A connection is the per-door object, so it keeps only ``__slots__`` and reaches the
 worker through a class attribute (one worker per process) instead of a per-object
-reference.
+reference. The framing comes from a slotted base (LineFramer for TCP, WsFrameParser
+for WebSocket) so that its state lives in the connection object itself.
 """
 
 from __future__ import annotations
@@ -26,30 +27,48 @@ from ..protocol.messages import (
     error_line,
     pong_line,
 )
+from ..protocol.websocket import (
+    Binary,
+    Close,
+    HandshakeError,
+    ProtocolFail,
+    Text,
+    WsFrameParser,
+    encode_close,
+    encode_pong,
+    error_response,
+    parse_handshake,
+    text_header,
+)
+from ..protocol.websocket import Ping as WsPing
 
 if TYPE_CHECKING:
     from .worker import Worker
 
+_SLOTS = ("channels", "slow", "strikes", "transport", "user")
 
-class Connection(LineFramer, asyncio.Protocol):
-    __slots__ = ("channels", "slow", "strikes", "transport", "user")
+
+class Connection(asyncio.Protocol):
+    """What every client connection does, whatever its framing (no slots of its own)."""
+
+    if not TYPE_CHECKING:
+        # Subclasses declare the slots (beside their framer's): one slotted base only.
+        # Hidden from mypy, which cannot see slots declared by subclasses.
+        __slots__ = ()
 
     worker: ClassVar[Worker]
+    transport: asyncio.Transport | None
+    user: str | None
+    channels: str | tuple[str, ...]
+    strikes: int  # consecutive bad messages
+    slow: bool  # write buffer over the cap: new messages are dropped
 
-    def __init__(self) -> None:
-        LineFramer.__init__(self)
-        self.transport: asyncio.Transport | None = None
-        self.user: str | None = None
-        self.channels: str | tuple[str, ...] = ()
-        self.strikes = 0  # consecutive bad lines
-        self.slow = False  # write buffer over the cap: new messages are dropped
-
-    # --- asyncio callbacks ------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it
-        self.transport = tr = cast(asyncio.Transport, transport)
-        self.worker.admit(self, tr)
+    def _init_state(self) -> None:
+        self.transport = None
+        self.user = None
+        self.channels = ()
+        self.strikes = 0
+        self.slow = False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -61,29 +80,16 @@ class Connection(LineFramer, asyncio.Protocol):
     def resume_writing(self) -> None:
         self.slow = False
 
-    def data_received(self, data: bytes) -> None:
-        worker = self.worker
-        for line in self.feed_lines(data, worker.max_message_bytes):
-            if self.transport is None:
-                return  # closed while handling an earlier line
-            if line is TOO_LONG:
-                self.reject(
-                    ProtocolError(
-                        "too_long", f"message longer than {worker.max_message_bytes} bytes"
-                    )
-                )
-                continue
-            assert isinstance(line, bytes)
-            try:
-                op = decode_op(line)
-            except ProtocolError as exc:
-                self.reject(exc)
-                continue
-            self.strikes = 0
-            worker.count_in()
-            self.dispatch(op)
-
-    # --- ops ----------------------------------------------------------------------------
+    def handle(self, message: bytes) -> None:
+        """One complete client message (a line, or a text frame's payload)."""
+        try:
+            op = decode_op(message)
+        except ProtocolError as exc:
+            self.reject(exc)
+            return
+        self.strikes = 0
+        self.worker.count_in()
+        self.dispatch(op)
 
     def dispatch(self, op: Hello | Sub | Unsub | Pub | Send | Ping) -> None:
         worker = self.worker
@@ -101,7 +107,7 @@ class Connection(LineFramer, asyncio.Protocol):
             self.write(PONG if op.id is None else pong_line(op.id))
 
     def reject(self, exc: ProtocolError) -> None:
-        """Answer a bad line; close a client that keeps sending them."""
+        """Answer a bad message; close a client that keeps sending them."""
         worker = self.worker
         worker.count_error(exc.code)
         self.write(error_line(exc.code, exc.reason, exc.op_id))
@@ -110,5 +116,115 @@ class Connection(LineFramer, asyncio.Protocol):
             worker.close(self, "bad_input")
 
     def write(self, line: bytes) -> None:
+        """Send one NDJSON event line (with its newline) in this connection's framing."""
+        raise NotImplementedError
+
+    @staticmethod
+    def frame(line: bytes) -> bytes:
+        """The bytes that carry ``line`` to every client of this kind (fan-out encodes once)."""
+        raise NotImplementedError
+
+
+class TcpConnection(LineFramer, Connection):
+    """Newline-delimited JSON over TCP: the bytes on the wire are the event lines."""
+
+    __slots__ = _SLOTS
+
+    def __init__(self) -> None:
+        LineFramer.__init__(self)
+        self._init_state()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = tr = cast(asyncio.Transport, transport)
+        self.worker.admit(self, tr)
+
+    def data_received(self, data: bytes) -> None:
+        worker = self.worker
+        for line in self.feed_lines(data, worker.max_message_bytes):
+            if self.transport is None:
+                return  # closed while handling an earlier line
+            if line is TOO_LONG:
+                reason = f"message longer than {worker.max_message_bytes} bytes"
+                self.reject(ProtocolError("too_long", reason))
+            else:
+                self.handle(cast(bytes, line))
+
+    def write(self, line: bytes) -> None:
         if self.transport is not None:
             self.transport.write(line)
+
+    @staticmethod
+    def frame(line: bytes) -> bytes:
+        return line
+
+
+class WsConnection(WsFrameParser, Connection):
+    """RFC 6455 WebSocket: the same JSON messages, one per text frame.
+
+    Until the HTTP upgrade completes, ``head`` holds the request bytes received so far;
+    the connection joins the hub (and gets its welcome) only once upgraded.
+    """
+
+    __slots__ = (*_SLOTS, "head")
+
+    def __init__(self) -> None:
+        WsFrameParser.__init__(self)
+        self._init_state()
+        self.head: bytes | None = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        worker = self.worker
+        if self.head is not None:
+            request = self.head + data
+            try:
+                done = parse_handshake(request)
+            except HandshakeError as exc:
+                worker.count_error("bad_handshake")
+                self.transport = None  # nothing more is read or written
+                transport.write(error_response(exc))
+                transport.close()
+                return
+            if done is None:
+                self.head = request
+                return
+            response, used = done
+            self.head = None
+            transport.write(response)
+            worker.admit(self, transport)
+            data = request[used:]
+            if not data:
+                return
+        for event in self.feed(data, worker.max_message_bytes):
+            if self.transport is None:
+                return
+            if isinstance(event, Text):
+                self.handle(event.payload)
+            elif isinstance(event, WsPing):
+                transport.write(encode_pong(event.payload))
+            elif isinstance(event, Binary):
+                self.reject(ProtocolError("bad_frame", "send JSON messages as text frames"))
+            elif isinstance(event, Close):
+                # Echo the peer's code (RFC 6455 5.5.1), then close our side.
+                self.transport = None
+                transport.write(encode_close(event.code or 1000))
+                transport.close()
+            elif isinstance(event, ProtocolFail):
+                worker.count_error("too_long" if event.code == 1009 else "bad_frame")
+                self.transport = None
+                transport.write(encode_close(event.code, event.reason))
+                transport.close()
+
+    def write(self, line: bytes) -> None:
+        if self.transport is not None and self.head is None:
+            self.transport.write(text_header(len(line) - 1) + line[:-1])
+
+    @staticmethod
+    def frame(line: bytes) -> bytes:
+        return text_header(len(line) - 1) + line[:-1]

@@ -146,6 +146,7 @@ class Supervisor:
         self.stopping = False
         self.api_port = config.api.port
         self.started = time.time()
+        self.samples: dict[Link, asyncio.Future[bytes]] = {}  # SAMPLE asked, not answered
 
     def say(self, line: str) -> None:
         print(f"manydoors: {line}", file=self.out, flush=True)
@@ -204,6 +205,11 @@ class Supervisor:
         loop.add_reader(proc.sentinel, self.on_exit, pool, slot, proc)
 
     def on_frame(self, link: Link, kind: int, key: str, payload: bytes) -> None:
+        if kind == Kind.SAMPLED:
+            waiter = self.samples.pop(link, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(payload)
+            return
         if kind == Kind.READY:
             for pool in self.pools:
                 for slot in pool.slots:
@@ -313,6 +319,34 @@ class Supervisor:
                     slot.link.close()
 
     # --- stats ------------------------------------------------------------------------
+
+    async def connections(self, service: str | None, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` live connections, asked of the workers (spread over them)."""
+        loop = asyncio.get_running_loop()
+        links = [
+            s.link
+            for p in self.pools
+            for s in p.slots
+            if s.link is not None and (service is None or p.service.name == service)
+        ]
+        if not links or limit < 1:
+            return []
+        each = max(1, math.ceil(limit / len(links)))
+        waits = []
+        for link in links:
+            if link in self.samples:
+                continue  # an earlier question is still out; skip this worker
+            waiter: asyncio.Future[bytes] = loop.create_future()
+            self.samples[link] = waiter
+            link.send(Kind.SAMPLE, str(each))
+            waits.append(waiter)
+        done, _ = await asyncio.wait(waits, timeout=2.0) if waits else (set(), set())
+        for link in [k for k, w in self.samples.items() if w in waits and not w.done()]:
+            del self.samples[link]  # a busy worker: answer without it
+        out: list[dict[str, Any]] = []
+        for waiter in done:
+            out.extend(json.loads(waiter.result()))
+        return out[:limit]
 
     def stats(self) -> dict[str, Any]:
         totals: Counter[str] = Counter()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import os
 import resource
 import signal
@@ -41,8 +42,9 @@ from ..protocol.messages import (
     error_line,
     ok_line,
 )
-from .connection import Connection
-from .hub import Hub
+from ..protocol.websocket import encode_close
+from .connection import Connection, TcpConnection, WsConnection
+from .hub import Hub, channels_of
 from .link import Link
 from .stats import COL, CONNECTIONS, StatsTable
 
@@ -75,6 +77,9 @@ class Worker:
         self.max_bad_messages = svc.max_bad_messages
         self.max_outbound_bytes = svc.max_outbound_bytes
         self.max_connections = svc.max_connections
+        self.websocket = svc.protocol == "websocket"
+        self.conn_class: type[Connection] = WsConnection if self.websocket else TcpConnection
+        self.frame = self.conn_class.frame  # NDJSON event line -> bytes on this service's wire
         self.cap = spec.fd_limit - spec.fd_reserve  # lowered in run() to what is really free
         self.admitted = 0
         self.pid = os.getpid()
@@ -117,7 +122,7 @@ class Worker:
             return Refusal("server_full", reason, self.i_refused["server_full"])
         self.admitted += 1
         self.mv[self.i_conn] += 1
-        return Connection()
+        return self.conn_class()
 
     def admit(self, conn: Connection, transport: asyncio.Transport) -> None:
         self.hub.add(conn)
@@ -125,7 +130,7 @@ class Worker:
         transport.set_write_buffer_limits(high=self.max_outbound_bytes)
         self.next_conn += 1
         welcome = Welcome(f"{self.pid}-{self.next_conn}", self.spec.service.name, self.spec.slot)
-        transport.write(encode(welcome))
+        conn.write(encode(welcome))
 
     def release(self, conn: Connection) -> None:
         lost, gone = self.hub.remove(conn)
@@ -145,8 +150,15 @@ class Worker:
             return
         conn.transport = None  # nothing more is read or written; connection_lost releases
         self.mv[self.i_closed[reason]] += 1
-        transport.write(bye_line(reason))
+        transport.write(self.goodbye(reason))
         transport.close()
+
+    def goodbye(self, reason: str) -> bytes:
+        """``bye`` with a reason; on WebSocket also the close frame (1001 or 1008)."""
+        data = self.frame(bye_line(reason))
+        if self.websocket:
+            data += encode_close(1001 if reason == "shutdown" else 1008, reason)
+        return data
 
     # --- counting --------------------------------------------------------------------
 
@@ -223,19 +235,46 @@ class Worker:
 
     def on_frame(self, link: Link, kind: int, key: str, payload: bytes) -> None:
         hub = self.hub
+        # Deliveries arrive as NDJSON lines; framed once here for this service's wire.
         if kind == Kind.DELIVER_CHANNEL:
-            self.fanout(hub.channels.get(key, ()), payload)
+            self.fanout(hub.channels.get(key, ()), self.frame(payload))
         elif kind == Kind.DELIVER_USER:
-            self.fanout(hub.of_user(key), payload)
+            self.fanout(hub.of_user(key), self.frame(payload))
         elif kind == Kind.DELIVER_ALL:
-            self.fanout(hub.conns, payload)
+            self.fanout(hub.conns, self.frame(payload))
+        elif kind == Kind.SAMPLE:
+            link.send(Kind.SAMPLED, "", _encode_json(self.sample(int(key or 0))))
         elif kind == Kind.SYNCED and self.waiting:
             # A hello and a sub sent together are acked in one write.
             acks: dict[Connection, bytes] = {}
+            frame = self.frame
             for conn, op_id in self.waiting.popleft():
-                acks[conn] = acks.get(conn, b"") + ok_line(op_id)
-            for conn, lines in acks.items():
-                conn.write(lines)
+                acks[conn] = acks.get(conn, b"") + frame(ok_line(op_id))
+            for conn, data in acks.items():
+                if conn.transport is not None:
+                    conn.transport.write(data)
+
+    def sample(self, limit: int) -> list[dict[str, object]]:
+        """A few live connections as 5-tuples with their user and channels."""
+        out: list[dict[str, object]] = []
+        proto = "websocket" if self.websocket else "tcp"
+        for conn in itertools.islice(self.hub.conns, max(0, limit)):
+            transport = conn.transport
+            if transport is None:
+                continue
+            peer = transport.get_extra_info("peername") or ("?", 0)
+            local = transport.get_extra_info("sockname") or ("?", 0)
+            out.append(
+                {
+                    "tuple": ["tcp", peer[0], peer[1], local[0], local[1]],
+                    "service": self.spec.service.name,
+                    "protocol": proto,
+                    "worker": self.spec.slot,
+                    "user": conn.user,
+                    "channels": list(channels_of(conn)),
+                }
+            )
+        return out
 
     def fanout(self, members: Iterable[Connection], line: bytes) -> None:
         # The hot loop of a broadcast: one write of the same bytes per recipient.
@@ -281,7 +320,7 @@ class Worker:
         self.stopping = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.spec.drain_timeout * 0.8
-        bye = bye_line("shutdown")
+        bye = self.goodbye("shutdown")
         conns = list(self.hub.conns)
         for i in range(0, len(conns), DRAIN_BATCH):
             for conn in conns[i : i + DRAIN_BATCH]:
@@ -314,7 +353,14 @@ class Refusal(asyncio.Protocol):
             worker.mv[self.counter] += 1
             worker.count_error(self.why)
         tr = cast(asyncio.Transport, transport)
-        tr.write(error_line(self.why, self.reason))
+        line = error_line(self.why, self.reason)
+        if worker.websocket:  # not upgraded yet: answer in HTTP
+            tr.write(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(line), line)
+            )
+        else:
+            tr.write(line)
         tr.close()
 
 
