@@ -44,6 +44,7 @@ def main() -> int:
     p.add_argument("--hold", type=float, default=60)
     p.add_argument("--broadcasts", type=int, default=3)
     p.add_argument("--name", default="c1m")
+    p.add_argument("--ws", action="store_true", help="a websocket service, driven over WebSocket")
     args = p.parse_args()
     n = args.connections
     paths = {
@@ -52,11 +53,13 @@ def main() -> int:
     os.makedirs(RESULTS, exist_ok=True)
     before = meminfo()
     peak: dict[str, int] = {"server_rss": 0, "slab": 0, "connections": 0}
-    with server("--max-connections", str(n), "--drain-timeout", "60") as srv:
+    proto = ["--protocol", "websocket"] if args.ws else []
+    with server("--max-connections", str(n), "--drain-timeout", "60", *proto) as srv:
         pids = srv.worker_pids()
         server_base = sum(rss(pid) for pid in pids) + rss(srv.proc.pid)
         started = time.time()
         gen = load(
+            *(["--ws"] if args.ws else []),
             "--target",
             f"127.0.0.1:{srv.port}",
             "--connections",

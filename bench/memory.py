@@ -20,12 +20,15 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--connections", type=int, default=40_000)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--ws", action="store_true", help="a websocket service, driven over WebSocket")
     args = p.parse_args()
     n = args.connections
-    with server("--workers", str(args.workers), "--max-connections", str(n)) as srv:
+    proto = ["--protocol", "websocket"] if args.ws else []
+    with server("--workers", str(args.workers), "--max-connections", str(n), *proto) as srv:
         pids = srv.worker_pids()
         base = {pid: rss_pss(pid) for pid in pids}
         gen = load(
+            *(["--ws"] if args.ws else []),
             "--target",
             f"127.0.0.1:{srv.port}",
             "--connections",
@@ -66,7 +69,8 @@ def main() -> int:
         ],
     }
     print(json.dumps(result, indent=1))
-    print(f"saved {save('memory', result)}", file=sys.stderr)
+    result["protocol"] = "websocket" if args.ws else "tcp"
+    print(f"saved {save('memory-ws' if args.ws else 'memory', result)}", file=sys.stderr)
     return 0
 
 
