@@ -45,6 +45,11 @@ class Server:
     def stats(self) -> dict[str, Any]:
         return dict(get(self.api + "/api/stats"))
 
+    def target(self, connections: int, rate: int | None = None) -> list[str]:
+        """The load generator's flags that aim ``connections`` at this server."""
+        flags = ["--target", f"127.0.0.1:{self.port}", "--connections", str(connections)]
+        return flags + (["--rate", str(rate)] if rate is not None else [])
+
     def worker_pids(self) -> list[int]:
         return [w["pid"] for w in self.stats()["services"][0]["workers"]]
 

@@ -24,12 +24,7 @@ def one_run(args: argparse.Namespace) -> dict[str, float]:
     n = args.connections
     with server("--workers", str(args.workers), "--max-connections", str(n)) as srv:
         gen = load(
-            "--target",
-            f"127.0.0.1:{srv.port}",
-            "--connections",
-            str(n),
-            "--rate",
-            str(args.rate),
+            *srv.target(n, args.rate),
             "--processes",
             str(args.processes),
             "--hold",

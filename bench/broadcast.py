@@ -29,12 +29,7 @@ def main() -> int:
     os.makedirs(RESULTS, exist_ok=True)
     with server("--max-connections", str(n)) as srv:
         gen = load(
-            "--target",
-            f"127.0.0.1:{srv.port}",
-            "--connections",
-            str(n),
-            "--rate",
-            str(args.rate),
+            *srv.target(n, args.rate),
             "--subscribe",
             "veg",
             "--api",

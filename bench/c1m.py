@@ -60,12 +60,7 @@ def main() -> int:
         started = time.time()
         gen = load(
             *(["--ws"] if args.ws else []),
-            "--target",
-            f"127.0.0.1:{srv.port}",
-            "--connections",
-            str(n),
-            "--rate",
-            str(args.rate),
+            *srv.target(n, args.rate),
             "--subscribe",
             "veg",
             "--api",

@@ -29,12 +29,7 @@ def main() -> int:
         base = {pid: rss_pss(pid) for pid in pids}
         gen = load(
             *(["--ws"] if args.ws else []),
-            "--target",
-            f"127.0.0.1:{srv.port}",
-            "--connections",
-            str(n),
-            "--rate",
-            "10000",
+            *srv.target(n, 10_000),
             "--subscribe",
             "veg",
             "--hold",

@@ -160,3 +160,61 @@ def test_dashboard_shows_connections_rising_without_console_errors(serve, client
     )
     SCREENSHOT.parent.mkdir(exist_ok=True)
     SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))
+
+
+WS_SERVICE = """
+[api]
+port = 0
+
+[[service]]
+name = "web"
+port = 0
+protocol = "websocket"
+workers = 1
+max_connections = 100
+"""
+
+# Runs in the page: a browser's own WebSocket connects, says hello, subscribes, and
+# hands back every event until the published one arrives.
+BROWSER_CLIENT = """
+const [url, done] = [arguments[0], arguments[arguments.length - 1]];
+const events = [];
+const ws = new WebSocket(url);
+ws.onmessage = (m) => {
+  const ev = JSON.parse(m.data);
+  events.push(ev);
+  if (ev.ev === "welcome") {
+    ws.send(JSON.stringify({op: "hello", user: "chromium", id: 1}));
+    ws.send(JSON.stringify({op: "sub", channel: "news", id: 2}));
+  }
+  if (ev.ev === "ok" && ev.id === 2) window.__subscribed = true;
+  if (ev.ev === "msg") { ws.close(1000); done(events); }
+};
+ws.onerror = () => done(["error"]);
+"""
+
+
+def test_chromium_websocket_connects_subscribes_and_receives(serve, browser):
+    import threading
+
+    server = serve(config=WS_SERVICE)
+    browser.get(server.api + "/")  # any page of ours: the script needs a document
+    browser.set_script_timeout(20)
+
+    def publish_once_subscribed() -> None:
+        wait_for(lambda: browser_subscribed(server), what="browser subscribed")
+        server.publish(channel="news", data={"to": "the browser"})
+
+    publisher = threading.Thread(target=publish_once_subscribed)
+    publisher.start()
+    events = browser.execute_async_script(BROWSER_CLIENT, f"ws://127.0.0.1:{server.port('web')}/")
+    publisher.join(20)
+    assert events[0]["ev"] == "welcome" and events[0]["service"] == "web"
+    assert {"ev": "ok", "id": 2} in events
+    assert events[-1]["data"] == {"to": "the browser"} and events[-1]["channel"] == "news"
+    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not severe, severe
+
+
+def browser_subscribed(server: Any) -> bool:
+    return bool(server.stats()["broker"]["channels"] >= 1)

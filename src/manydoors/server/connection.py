@@ -213,7 +213,7 @@ class WsConnection(WsFrameParser, Connection):
             elif isinstance(event, Close):
                 # Echo the peer's code (RFC 6455 5.5.1), then close our side.
                 self.transport = None
-                transport.write(encode_close(event.code or 1000))
+                transport.write(encode_close(event.code) if event.code else b"\x88\x00")
                 transport.close()
             elif isinstance(event, ProtocolFail):
                 worker.count_error("too_long" if event.code == 1009 else "bad_frame")
