@@ -20,7 +20,9 @@ from conftest import wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
+# The README's screenshot is refreshed only on request (MANYDOORS_SCREENSHOT=1), so a
+# test run leaves the working tree as it found it.
+DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
 
 
 def sse_events(sock_file: Any, count: int) -> list[dict[str, Any]]:
@@ -158,8 +160,10 @@ def test_dashboard_shows_connections_rising_without_console_errors(serve, client
     shot = browser.execute_cdp_cmd(
         "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip}
     )
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))
+    png = base64.b64decode(shot["data"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("MANYDOORS_SCREENSHOT") == "1":
+        DOCS_SCREENSHOT.write_bytes(png)
 
 
 WS_SERVICE = """
