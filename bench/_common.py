@@ -7,16 +7,15 @@ import json
 import os
 import platform
 import resource
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from manydoors.apiclient import get_json as get
+from manydoors.launch import serving
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -57,37 +56,8 @@ class Server:
 @contextlib.contextmanager
 def server(*args: str) -> Iterator[Server]:
     """``manydoors serve`` on free ports; always stopped (SIGTERM, then SIGKILL)."""
-    ready = os.path.join(tempfile.mkdtemp(prefix="manydoors-bench-"), "ready.json")
-    cmd = [
-        sys.executable,
-        "-m",
-        "manydoors",
-        "serve",
-        "--port",
-        "0",
-        "--api-port",
-        "0",
-        "--ready-file",
-        ready,
-        *args,
-    ]
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not os.path.exists(ready):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.05)
-        with open(ready) as f:
-            yield Server(proc, json.load(f))
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with serving("--port", "0", "--api-port", "0", *args, stderr=subprocess.DEVNULL) as (p, i):
+        yield Server(p, i)
 
 
 def load(*args: str) -> subprocess.Popen[bytes]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from manydoors.launch import stop
 
 READY_TIMEOUT = 60.0
 
@@ -77,18 +78,24 @@ class Server:
         return self.log.read_text(errors="replace")
 
     def stop(self, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc, timeout)
         return self.proc.returncode
 
 
 def manydoors_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "manydoors", *args]
+
+
+def run_load(
+    *args: str, report: Path | None = None, timeout: float = 240
+) -> tuple[int, str, dict[str, Any]]:
+    """``manydoors load ARGS``: its exit code, stderr, and the JSON report if asked for."""
+    cmd = manydoors_cmd("load", *args)
+    if report is not None:
+        cmd += ["--report", str(report)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    data = json.loads(report.read_text()) if report is not None and report.exists() else {}
+    return result.returncode, result.stderr, data
 
 
 @pytest.fixture

@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import random
 import socket
-import subprocess
-from pathlib import Path
-from typing import Any
 
-from conftest import manydoors_cmd
-
-
-def run_load(*args: str, report: Path | None = None) -> tuple[int, str, dict[str, Any]]:
-    cmd = manydoors_cmd("load", *args)
-    if report is not None:
-        cmd += ["--report", str(report)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    data = json.loads(report.read_text()) if report is not None and report.exists() else {}
-    return result.returncode, result.stderr, data
+from conftest import run_load
 
 
 def test_small_fd_limit_spreads_the_load_over_several_processes(serve, tmp_path):

@@ -2,41 +2,29 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-
-from conftest import manydoors_cmd, wait_for
+from conftest import run_load, wait_for
 
 
 def test_25k_connections_held_subscribed_and_broadcast_to(serve, tmp_path):
     server = serve("--workers", "2", "--max-connections", "26000")
-    report_path = tmp_path / "load.json"
-    result = subprocess.run(
-        manydoors_cmd(
-            "load",
-            "--target",
-            f"127.0.0.1:{server.port()}",
-            "--connections",
-            "25000",
-            "--processes",
-            "2",
-            "--rate",
-            "20000",
-            "--subscribe",
-            "veg",
-            "--api",
-            server.api,
-            "--broadcasts",
-            "2",
-            "--report",
-            str(report_path),
-        ),
-        capture_output=True,
-        text=True,
-        timeout=240,
+    code, err, report = run_load(
+        "--target",
+        f"127.0.0.1:{server.port()}",
+        "--connections",
+        "25000",
+        "--processes",
+        "2",
+        "--rate",
+        "20000",
+        "--subscribe",
+        "veg",
+        "--api",
+        server.api,
+        "--broadcasts",
+        "2",
+        report=tmp_path / "load.json",
     )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(report_path.read_text())
+    assert code == 0, err
     assert report["connections"]["peak"] == 25000
     assert report["errors"] == {}
     assert report["duplicates"] == 0

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import websockets
 
-from conftest import manydoors_cmd, wait_for
+from conftest import run_load, wait_for
 
 NODE_DIR = Path(__file__).parent / "node"
 
@@ -179,29 +179,20 @@ def _big_frame(n: int) -> bytes:
 
 def test_load_generator_drives_a_websocket_service(serve, tmp_path):
     server = serve(config=WS_AND_TCP)
-    report = tmp_path / "r.json"
-    result = subprocess.run(
-        manydoors_cmd(
-            "load",
-            "--ws",
-            "--target",
-            f"127.0.0.1:{server.port('web')}",
-            "--connections",
-            "300",
-            "--subscribe",
-            "veg",
-            "--api",
-            server.api,
-            "--broadcasts",
-            "2",
-            "--report",
-            str(report),
-        ),
-        capture_output=True,
-        text=True,
-        timeout=120,
+    code, err, data = run_load(
+        "--ws",
+        "--target",
+        f"127.0.0.1:{server.port('web')}",
+        "--connections",
+        "300",
+        "--subscribe",
+        "veg",
+        "--api",
+        server.api,
+        "--broadcasts",
+        "2",
+        report=tmp_path / "r.json",
     )
-    assert result.returncode == 0, result.stderr
-    data = json.loads(report.read_text())
+    assert code == 0, err
     assert data["connections"]["peak"] == 300 and data["errors"] == {}
     assert [d["received"] for d in data["deliveries"]] == [300, 300]

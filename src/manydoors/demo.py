@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -24,6 +20,7 @@ from rich.table import Table
 
 from .apiclient import get_json as _get
 from .apiclient import post_json as _post
+from .launch import NotStarted, serving
 
 
 def stats_table(stats: dict[str, Any]) -> Table:
@@ -55,77 +52,67 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     keep = sys.stdin.isatty() if args.keep is None else args.keep
     console = Console()
-    ready = os.path.join(tempfile.mkdtemp(prefix="manydoors-demo-"), "ready.json")
-    server = subprocess.Popen([sys.executable, "-m", "manydoors", "serve", "--ready-file", ready])
     try:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(ready):
-            if server.poll() is not None or time.monotonic() > deadline:
-                console.print("[red]the server did not start (is port 7000 or 7080 taken?)")
-                return 1
-            time.sleep(0.05)
-        with open(ready) as f:
-            info = json.load(f)
-        api = info["api"]
-        port = info["services"]["chat"]["port"]
-        console.rule(f"{args.connections:,} clients say hello and subscribe to 'demo'")
-        load = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "manydoors",
-                "load",
-                "--target",
-                f"127.0.0.1:{port}",
-                "--connections",
-                str(args.connections),
-                "--rate",
-                "5000",
-                "--subscribe",
-                "demo",
-                "--api",
-                api,
-                "--broadcasts",
-                "3",
-                "--hold",
-                "3",
-            ],
-        )
-        while _get(f"{api}/api/stats")["connections"] < args.connections:
-            if load.poll() is not None:
-                break
-            time.sleep(0.1)
-        answer = _post(f"{api}/api/publish", {"channel": "demo", "data": {"hello": "world"}})
-        console.print(f'POST {api}/api/publish {{"channel":"demo",...}} -> {answer}')
-        stats = _get(f"{api}/api/stats")
-        console.print(stats_table(stats))
-        console.print(
-            f"connections {stats['connections']:,}  accepted {stats['accepted']:,}  "
-            f"messages in {stats['messages_in']:,}  out {stats['messages_out']:,}  "
-            f"dropped {stats['dropped']:,}"
-        )
-        load.wait()
-        console.rule("talk to it yourself")
-        console.print(
-            f"  nc 127.0.0.1 {port}\n"
-            '  {"op":"hello","user":"alice","id":1}\n'
-            '  {"op":"sub","channel":"demo","id":2}\n'
-            f'  curl -d \'{{"channel":"demo","data":"hi"}}\' {api}/api/publish\n'
-            f"  curl {api}/api/stats   curl {api}/metrics"
-        )
-        if keep:
-            console.print("[bold]server running; Ctrl-C stops it")
-            with contextlib.suppress(KeyboardInterrupt):
-                server.wait()
-        return load.returncode or 0
-    finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+        with serving(ready_timeout=60, stop_timeout=15) as (server, info):
+            return _show(console, args.connections, keep, server, info)
+    except NotStarted:
+        console.print("[red]the server did not start (is port 7000 or 7080 taken?)")
+        return 1
+
+
+def _show(console: Console, connections: int, keep: bool, server: Any, info: dict[str, Any]) -> int:
+    api = info["api"]
+    port = info["services"]["chat"]["port"]
+    console.rule(f"{connections:,} clients say hello and subscribe to 'demo'")
+    load = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "manydoors",
+            "load",
+            "--target",
+            f"127.0.0.1:{port}",
+            "--connections",
+            str(connections),
+            "--rate",
+            "5000",
+            "--subscribe",
+            "demo",
+            "--api",
+            api,
+            "--broadcasts",
+            "3",
+            "--hold",
+            "3",
+        ],
+    )
+    while _get(f"{api}/api/stats")["connections"] < connections:
+        if load.poll() is not None:
+            break
+        time.sleep(0.1)
+    answer = _post(f"{api}/api/publish", {"channel": "demo", "data": {"hello": "world"}})
+    console.print(f'POST {api}/api/publish {{"channel":"demo",...}} -> {answer}')
+    stats = _get(f"{api}/api/stats")
+    console.print(stats_table(stats))
+    console.print(
+        f"connections {stats['connections']:,}  accepted {stats['accepted']:,}  "
+        f"messages in {stats['messages_in']:,}  out {stats['messages_out']:,}  "
+        f"dropped {stats['dropped']:,}"
+    )
+    load.wait()
+    console.rule("talk to it yourself")
+    console.print(
+        f"  nc 127.0.0.1 {port}\n"
+        '  {"op":"hello","user":"alice","id":1}\n'
+        '  {"op":"sub","channel":"demo","id":2}\n'
+        f'  curl -d \'{{"channel":"demo","data":"hi"}}\' {api}/api/publish\n'
+        f"  curl {api}/api/stats   curl {api}/metrics"
+    )
+    if keep:
+        console.print("[bold]server running; Ctrl-C stops it")
+        with contextlib.suppress(KeyboardInterrupt):
+            server.wait()
+    return load.returncode or 0
 
 
 if __name__ == "__main__":
