@@ -167,6 +167,10 @@ def test_every_option_is_reachable_by_env_and_flag() -> None:
         "drain_timeout": ("4.5", 4.5),
         "fd_limit": ("1000", 1000),
         "fd_reserve": ("32", 32),
+        "broker": ("redis", "redis"),
+        "redis_url": ("redis://10.0.0.5:6380/1", "redis://10.0.0.5:6380/1"),
+        "history_size": ("7", 7),
+        "history_ttl": ("60", 60.0),
     }
     options = (*SERVICE_OPTIONS, *GLOBAL_OPTIONS)
     assert {opt.key for opt in options} == set(values)
@@ -441,3 +445,29 @@ def test_config_objects_are_validated_when_built_directly() -> None:
 def test_config_objects_are_hashable_values() -> None:
     assert load(TWO_SERVICES) == load(TWO_SERVICES)
     assert hash(load(TWO_SERVICES)) == hash(load(TWO_SERVICES))
+
+
+def test_broker_defaults_to_local_with_history() -> None:
+    config = load()
+    assert (config.broker, config.history_size, config.history_ttl) == ("local", 100, 300.0)
+
+
+def test_broker_flag_takes_a_redis_url_and_implies_redis() -> None:
+    config = load(flags={"broker": "redis://127.0.0.9:6390/2"})
+    assert (config.broker, config.redis_url) == ("redis", "redis://127.0.0.9:6390/2")
+    config = load('broker = "redis"\nredis_url = "redis://127.0.0.3:7000"\n')
+    assert (config.broker, config.redis_url) == ("redis", "redis://127.0.0.3:7000")
+
+
+@pytest.mark.parametrize(
+    ("toml", "words"),
+    [
+        ('broker = "kafka"', "not one of"),
+        ('redis_url = "http://x"', "must start with"),
+        ("history_size = -1", "must not be negative"),
+        ("history_ttl = 0", "must be positive"),
+    ],
+)
+def test_bad_broker_settings_say_which_key(toml: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        load(toml + "\n")

@@ -21,8 +21,10 @@ from manydoors.protocol.messages import (
     Ok,
     Ping,
     Pong,
+    Presence,
     ProtocolError,
     Pub,
+    Recovered,
     Send,
     Sub,
     Unsub,
@@ -106,10 +108,28 @@ def test_every_documented_op_decodes() -> None:
         "pub": b'{"op":"pub","channel":"c","data":1}',
         "send": b'{"op":"send","user":"u","data":1}',
         "ping": b'{"op":"ping"}',
+        "presence": b'{"op":"presence","channel":"c"}',
     }
     assert set(lines) == set(OPS)
     for line in lines.values():
         decode_op(line)
+
+
+def test_sub_since_must_be_a_non_negative_integer() -> None:
+    assert decode_op(b'{"op":"sub","channel":"c","since":7}') == Sub(channel="c", since=7)
+    for bad in (b"-1", b'"7"', b"1.5"):
+        with pytest.raises(ProtocolError) as err:
+            decode_op(b'{"op":"sub","channel":"c","since":%s}' % bad)
+        assert err.value.code == "bad_field"
+
+
+def test_recovery_ack_and_presence_events_encode_as_documented() -> None:
+    assert encode(Recovered(3, True, 12, 2)) == (
+        b'{"ev":"ok","id":3,"recovered":true,"seq":12,"missed":2}\n'
+    )
+    assert encode(Presence("veg", {"ann": 2}, 1, id=4)) == (
+        b'{"ev":"presence","channel":"veg","users":{"ann":2},"anonymous":1,"id":4}\n'
+    )
 
 
 def test_field_order_does_not_matter() -> None:

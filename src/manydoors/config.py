@@ -18,6 +18,8 @@ class ConfigError(ValueError):
 
 
 PROTOCOLS: Final = ("tcp", "websocket")
+BROKERS: Final = ("local", "redis")
+REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 
 # What each field annotation (a string here, see the __future__ import) accepts; a TOML
 # file can give any key any type, and bool is an int to isinstance.
@@ -96,6 +98,10 @@ class Config:
     fd_limit: int | None = None
     # fds a worker keeps for itself (listener, broker link, loop, /proc reads).
     fd_reserve: int = 64
+    broker: str = "local"  # "redis": nodes sharing redis_url form one logical server
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    history_size: int = 100  # messages kept per channel for ``sub`` with ``since``
+    history_ttl: float = 300.0  # seconds a channel's history outlives its last message
 
     def __post_init__(self) -> None:
         _check_types(self, "config")
@@ -113,6 +119,14 @@ class Config:
             raise ConfigError("fd_reserve must not be negative")
         if self.fd_limit is not None and self.fd_limit <= self.fd_reserve + 1:
             raise ConfigError(f"fd_limit {self.fd_limit} leaves no room beside fd_reserve")
+        if self.broker not in BROKERS:
+            raise ConfigError(f"broker {self.broker!r} is not one of {BROKERS} (or a redis:// URL)")
+        if not self.redis_url.startswith(REDIS_SCHEMES):
+            raise ConfigError(f"redis_url {self.redis_url!r} must start with {REDIS_SCHEMES}")
+        if self.history_size < 0:
+            raise ConfigError("history_size must not be negative (0 turns history off)")
+        if not self.history_ttl > 0:
+            raise ConfigError("history_ttl must be positive")
 
 
 def _workers(value: Any) -> int | None:
@@ -197,6 +211,28 @@ GLOBAL_OPTIONS: Final = (
         int,
         "fds a worker keeps for itself beside its connections",
     ),
+    Option(
+        "broker",
+        "MANYDOORS_BROKER",
+        "--broker",
+        str,
+        "'local' (default), 'redis', or a redis:// URL (implies redis)",
+    ),
+    Option("redis_url", "MANYDOORS_REDIS_URL", "--redis-url", str, "Redis of the redis broker"),
+    Option(
+        "history_size",
+        "MANYDOORS_HISTORY_SIZE",
+        "--history-size",
+        int,
+        "messages kept per channel for sub with since (0: off)",
+    ),
+    Option(
+        "history_ttl",
+        "MANYDOORS_HISTORY_TTL",
+        "--history-ttl",
+        float,
+        "seconds a channel's history outlives its last message",
+    ),
 )
 
 
@@ -223,7 +259,7 @@ def load(
             doc = tomllib.loads(toml_text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file: {exc}") from None
-    known_top = {"api", "service", "drain_timeout", "fd_limit", "fd_reserve"}
+    known_top = {"api", "service", *(f.name for f in fields(Config))} - {"services"}
     unknown = set(doc) - known_top
     if unknown:
         raise ConfigError(f"unknown config keys: {sorted(unknown)}")
@@ -271,6 +307,9 @@ def load(
             services[0][key] = value
         else:
             top[key] = value
+    broker = top.get("broker")
+    if isinstance(broker, str) and broker.startswith(REDIS_SCHEMES):
+        top["broker"], top["redis_url"] = "redis", broker  # --broker redis://host:port
     try:
         return Config(
             api=ApiConfig(**api),

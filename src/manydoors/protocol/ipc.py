@@ -27,12 +27,24 @@ class Kind(IntEnum):
     SYNC = 7  # echo me back: everything I sent before has been applied
     READY = 8  # the worker is accepting; key = its pid
     SAMPLED = 9  # answer to SAMPLE; payload = JSON list of connections
+    RECOVER = 10  # a connection subscribes to <key> since a seq; payload = RECOVER_HEAD
+    PRESENCE = 11  # a client asks who is in <key>; payload = request id (u32)
+    PRESENCE_PART = 12  # answer to PRESENCE_ASK; payload = token (u32) + JSON {user: n}
     # broker -> worker
     DELIVER_CHANNEL = 20  # payload = encoded event line for subscribers of <key>
     DELIVER_USER = 21  # payload = encoded event line for connections of user <key>
     DELIVER_ALL = 22  # payload = encoded event line for every connection
     SYNCED = 23
     SAMPLE = 24  # send me up to <key> of your connections (for /api/connections)
+    RECOVERED = 25  # payload = RECOVERED_HEAD + the missed event lines, in order
+    PRESENCE_ASK = 26  # who of yours is in <key>? payload = token (u32)
+    PRESENCE_DONE = 27  # answer to PRESENCE; payload = request id (u32) + JSON presence
+
+
+# Payload heads of the frames above (network order).
+RECOVER_HEAD: Final = struct.Struct("!IQ")  # request id, since
+RECOVERED_HEAD: Final = struct.Struct("!IBQ")  # request id, recovered, seq at the join
+TOKEN: Final = struct.Struct("!I")  # a request id or token
 
 
 def encode_frame(kind: Kind, key: str = "", payload: bytes = b"") -> bytes:

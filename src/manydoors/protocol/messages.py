@@ -27,6 +27,8 @@ class Hello(Struct, tag="hello", tag_field="op"):
 class Sub(Struct, tag="sub", tag_field="op"):
     channel: Name
     id: OpId = None
+    # The last seq the client saw: replay what it missed from the channel's history.
+    since: Annotated[int, Meta(ge=0)] | None = None
 
 
 class Unsub(Struct, tag="unsub", tag_field="op"):
@@ -50,8 +52,13 @@ class Ping(Struct, tag="ping", tag_field="op"):
     id: OpId = None
 
 
-ClientOp = Hello | Sub | Unsub | Pub | Send | Ping
-OPS: Final = ("hello", "sub", "unsub", "pub", "send", "ping")
+class PresenceOp(Struct, tag="presence", tag_field="op"):
+    channel: Name
+    id: OpId = None
+
+
+ClientOp = Hello | Sub | Unsub | Pub | Send | Ping | PresenceOp
+OPS: Final = ("hello", "sub", "unsub", "pub", "send", "ping", "presence")
 
 
 class ProtocolError(Exception):
@@ -159,6 +166,23 @@ class Ok(Struct, tag="ok", tag_field="ev"):
     id: OpId
 
 
+class Recovered(Struct, tag="ok", tag_field="ev"):
+    """The ack of a ``sub`` with ``since``: the missed messages follow it, in order."""
+
+    id: OpId
+    recovered: bool
+    seq: int  # the channel's seq when the client joined: later messages arrive live
+    missed: int  # how many ``msg`` events follow this ack
+
+
+class Presence(Struct, tag="presence", tag_field="ev", omit_defaults=True):
+    channel: str
+    users: dict[str, int]  # user -> connections subscribed
+    anonymous: int  # subscribed connections that said no hello
+    id: OpId = None
+    partial: bool = False  # a worker or node did not answer in time
+
+
 class Error(Struct, tag="error", tag_field="ev", omit_defaults=True):
     code: str
     reason: str
@@ -177,7 +201,10 @@ _enc: Final = msgspec.json.Encoder()
 PONG: Final = b'{"ev":"pong"}\n'
 
 
-def encode(event: Welcome | Msg | Dm | Broadcast | Ok | Pong | Error | Bye) -> bytes:
+Event = Welcome | Msg | Dm | Broadcast | Ok | Recovered | Presence | Pong | Error | Bye
+
+
+def encode(event: Event) -> bytes:
     """One event as one NDJSON line."""
     return _enc.encode(event) + b"\n"
 

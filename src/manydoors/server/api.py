@@ -58,6 +58,9 @@ async def publish(request: web.Request) -> web.Response:
             raw.decode()
         except UnicodeDecodeError as exc:
             return _error(400, "bad_json", f"body is not valid UTF-8 (byte {exc.start})")
+    if b"\n" in raw:
+        # A raw newline in valid JSON is whitespace: keep it out of the NDJSON events.
+        raw = raw.replace(b"\n", b" ")
     try:
         body = _decode_publish(raw)
     except msgspec.ValidationError as exc:
@@ -69,12 +72,21 @@ async def publish(request: web.Request) -> web.Response:
         return _error(400, "bad_target", "give exactly one of: channel, user, broadcast: true")
     broker = sup.broker
     if body.channel is not None:
-        workers = broker.publish_channel(body.channel, body.sender, body.data)
+        done = await broker.publish_channel(body.channel, body.sender, body.data)
     elif body.user is not None:
-        workers = broker.publish_user(body.user, body.sender, body.data)
+        done = await broker.publish_user(body.user, body.sender, body.data)
     else:
-        workers = broker.broadcast(body.sender, body.data)
-    return _json({"accepted": True, "workers": workers}, 202)
+        done = await broker.broadcast(body.sender, body.data)
+    return _json({"accepted": True, **done}, 202)
+
+
+async def presence(request: web.Request) -> web.Response:
+    """Who is subscribed to ``?channel=NAME``, on every node."""
+    channel = request.query.get("channel", "")
+    if not channel:
+        return _error(400, "missing_field", "give ?channel=NAME")
+    result = await request.app[_SUP].broker.presence(channel)
+    return _json({"channel": channel, **msgspec.structs.asdict(result)})
 
 
 async def connections(request: web.Request) -> web.Response:
@@ -98,10 +110,14 @@ async def healthz(request: web.Request) -> web.Response:
     sup = request.app[_SUP]
     alive = sum(s.process is not None for p in sup.pools for s in p.slots)
     total = sum(len(p.slots) for p in sup.pools)
-    status = "ok" if alive == total and not sup.stopping else "degraded"
+    serving = alive == total and not sup.stopping
+    broker = sup.broker.status
+    status = "ok" if serving and broker == "ok" else "degraded"
+    # A degraded broker still answers 200: the node serves its own clients, and a load
+    # balancer that dropped every node during a Redis outage would drop them all.
     return _json(
-        {"status": status, "workers": alive, "workers_expected": total},
-        200 if status == "ok" else 503,
+        {"status": status, "broker": broker, "workers": alive, "workers_expected": total},
+        200 if serving else 503,
     )
 
 
@@ -218,6 +234,7 @@ async def start_api(sup: Supervisor) -> web.AppRunner:
             web.get("/api/stream", stream),
             web.static("/static", STATIC),
             web.post("/api/publish", publish),
+            web.get("/api/presence", presence),
             web.get("/api/stats", stats),
             web.get("/api/connections", connections),
             web.get("/healthz", healthz),

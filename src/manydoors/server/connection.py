@@ -18,6 +18,7 @@ from ..protocol.messages import (
     PONG,
     Hello,
     Ping,
+    PresenceOp,
     ProtocolError,
     Pub,
     Send,
@@ -91,7 +92,7 @@ class Connection(asyncio.Protocol):
         self.worker.count_in()
         self.dispatch(op)
 
-    def dispatch(self, op: Hello | Sub | Unsub | Pub | Send | Ping) -> None:
+    def dispatch(self, op: Hello | Sub | Unsub | Pub | Send | Ping | PresenceOp) -> None:
         worker = self.worker
         if isinstance(op, Pub):
             worker.publish(self, op)
@@ -103,6 +104,8 @@ class Connection(asyncio.Protocol):
             worker.hello(self, op)
         elif isinstance(op, Unsub):
             worker.unsubscribe(self, op)
+        elif isinstance(op, PresenceOp):
+            worker.presence(self, op)
         else:
             self.write(PONG if op.id is None else pong_line(op.id))
 
@@ -205,7 +208,10 @@ class WsConnection(WsFrameParser, Connection):
             if self.transport is None:
                 return
             if isinstance(event, Text):
-                self.handle(event.payload)
+                # A raw newline in valid JSON is whitespace between tokens; TCP clients
+                # read NDJSON, so it must not reach them inside a relayed ``data``.
+                payload = event.payload
+                self.handle(payload.replace(b"\n", b" ") if b"\n" in payload else payload)
             elif isinstance(event, WsPing):
                 transport.write(encode_pong(event.payload))
             elif isinstance(event, Binary):

@@ -54,6 +54,14 @@ class StartupError(Exception):
     """The node cannot start (port in use, bad address); the message says why."""
 
 
+def make_broker(config: Config) -> Broker:
+    if config.broker == "redis":
+        from ..broker.redis import RedisBroker  # redis-py stays out of local nodes
+
+        return RedisBroker(config.redis_url, config.history_size, config.history_ttl)
+    return LocalBroker(config.history_size, config.history_ttl)
+
+
 def fd_limits(config: Config) -> tuple[int, int]:
     """Raise our soft RLIMIT_NOFILE to the hard limit; return (per-worker limit, hard)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -137,7 +145,7 @@ class Supervisor:
     def __init__(self, config: Config, out: Any = None) -> None:
         self.config = config
         self.out = out or sys.stderr
-        self.broker: Broker = LocalBroker()
+        self.broker: Broker = make_broker(config)
         self.pools: list[Pool] = []
         self.fd_limit, self.fd_hard = fd_limits(config)
         self.ctx = mp.get_context("forkserver")
@@ -263,6 +271,7 @@ class Supervisor:
             # The handler only records the request; the loop below acts on it.
             loop.add_signal_handler(sig, self.stop_requested.set)
         self.bind()
+        await self.broker.start()
         runner = await start_api(self)
         try:
             for pool in self.pools:
@@ -275,6 +284,7 @@ class Supervisor:
         finally:
             await self.shutdown()
             await runner.cleanup()
+            await self.broker.close()
         self.say("stopped")
         return 0
 

@@ -26,13 +26,17 @@ from typing import Final, cast
 import msgspec
 import uvloop
 
+from ..broker.base import PresenceResult
 from ..config import ServiceConfig
-from ..protocol.ipc import Kind
+from ..protocol.ipc import RECOVER_HEAD, RECOVERED_HEAD, TOKEN, Kind
 from ..protocol.messages import (
     ERROR_CODES,
     Hello,
     OpId,
+    Presence,
+    PresenceOp,
     Pub,
+    Recovered,
     Send,
     Sub,
     Unsub,
@@ -52,6 +56,7 @@ GC_THRESHOLDS: Final = (50_000, 20, 100)
 HEADROOM: Final = 8  # fds kept free for refusals and the odd file
 DRAIN_BATCH: Final = 2000  # connections closed per loop iteration while draining
 _encode_json: Final = msgspec.json.Encoder().encode
+_decode_presence: Final = msgspec.json.Decoder(PresenceResult).decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +96,13 @@ class Worker:
         self.dirty = False
         self.waiting: deque[list[tuple[Connection, OpId]]] = deque()
         self.unsynced: list[tuple[Connection, OpId]] = []  # acks of this loop iteration
+        # Requests to the broker that a client waits for, by request id.
+        self.requests = itertools.count(1)
+        self.recovering: dict[int, tuple[Connection, str, OpId]] = {}
+        self.presences: dict[int, tuple[Connection, OpId]] = {}
+        # Channels with a connection waiting for its history: the worker keeps its
+        # interest in them even while the hub holds no subscriber.
+        self.pending: dict[str, int] = {}
         row = spec.slot
         ix = {name: stats.index(col, row) for name, col in COL.items()}
         self.i_conn = ix["connections"]
@@ -139,7 +151,8 @@ class Worker:
         link = self.link
         if link is not None:
             for channel in lost:
-                link.send(Kind.UNSUB, channel)
+                if channel not in self.pending:
+                    link.send(Kind.UNSUB, channel)
             if gone is not None:
                 link.send(Kind.USER_OFF, gone)
 
@@ -207,14 +220,76 @@ class Worker:
         self.ok_when_applied(conn, op.id)
 
     def subscribe(self, conn: Connection, op: Sub) -> None:
-        if self.hub.subscribe(conn, op.channel):
-            self._interest(Kind.SUB, op.channel)
+        channel = op.channel
+        if op.since is not None and channel not in channels_of(conn):
+            self.recover(conn, channel, op.since, op.id)
+            return
+        if self.hub.subscribe(conn, channel) and channel not in self.pending:
+            self._interest(Kind.SUB, channel)
         self.ok_when_applied(conn, op.id)
 
     def unsubscribe(self, conn: Connection, op: Unsub) -> None:
-        if self.hub.unsubscribe(conn, op.channel):
-            self._interest(Kind.UNSUB, op.channel)
+        channel = op.channel
+        for req in [r for r, (c, ch, _) in self.recovering.items() if c is conn and ch == channel]:
+            del self.recovering[req]  # its answer will find nobody waiting
+        if self.hub.unsubscribe(conn, channel) and channel not in self.pending:
+            self._interest(Kind.UNSUB, channel)
         self.ok(conn, op.id)
+
+    def recover(self, conn: Connection, channel: str, since: int, op_id: OpId) -> None:
+        """Join ``channel`` only once the broker has sent what the client missed.
+
+        The broker answers on the link, in order with the channel's deliveries: every
+        seq up to its answer comes from history, every later one live, each once.
+        """
+        link = self.link
+        if link is None:
+            return
+        if channel not in self.hub.channels and channel not in self.pending:
+            link.send(Kind.SUB, channel)
+        self.pending[channel] = self.pending.get(channel, 0) + 1
+        req = next(self.requests)
+        self.recovering[req] = (conn, channel, op_id)
+        link.send(Kind.RECOVER, channel, RECOVER_HEAD.pack(req, since))
+
+    def recovered(self, channel: str, payload: bytes) -> None:
+        req, ok, seq = RECOVERED_HEAD.unpack_from(payload)
+        left = self.pending.get(channel, 1) - 1
+        if left > 0:
+            self.pending[channel] = left
+        else:
+            self.pending.pop(channel, None)
+        conn, _, op_id = self.recovering.pop(req, (None, channel, None))
+        if conn is None or conn.transport is None:
+            if not left and channel not in self.hub.channels and self.link is not None:
+                self.link.send(Kind.UNSUB, channel)
+            return
+        if not self.hub.subscribe(conn, channel):
+            self.ok(conn, op_id)  # subscribed meanwhile: it has been receiving live
+            return
+        lines = payload[RECOVERED_HEAD.size :].splitlines(keepends=True)
+        frame = self.frame
+        out = [frame(encode(Recovered(op_id, bool(ok), seq, len(lines))))]
+        out.extend(frame(line) for line in lines)
+        conn.transport.write(b"".join(out))
+        self.mv[self.i_out] += len(lines)
+
+    def presence(self, conn: Connection, op: PresenceOp) -> None:
+        if self.link is not None:
+            req = next(self.requests)
+            self.presences[req] = (conn, op.id)
+            self.link.send(Kind.PRESENCE, op.channel, TOKEN.pack(req))
+
+    def presence_part(self, channel: str) -> bytes:
+        """This worker's subscribers of ``channel``: ([{user: connections}, anonymous])."""
+        users: dict[str, int] = {}
+        anonymous = 0
+        for conn in self.hub.channels.get(channel, ()):
+            if conn.user is None:
+                anonymous += 1
+            else:
+                users[conn.user] = users.get(conn.user, 0) + 1
+        return _encode_json((users, anonymous))
 
     def _interest(self, kind: Kind, key: str | None) -> None:
         if key is not None and self.link is not None:
@@ -244,6 +319,16 @@ class Worker:
             self.fanout(hub.conns, self.frame(payload))
         elif kind == Kind.SAMPLE:
             link.send(Kind.SAMPLED, "", _encode_json(self.sample(int(key or 0))))
+        elif kind == Kind.RECOVERED:
+            self.recovered(key, payload)
+        elif kind == Kind.PRESENCE_ASK:
+            link.send(Kind.PRESENCE_PART, key, payload + self.presence_part(key))
+        elif kind == Kind.PRESENCE_DONE:
+            asked = self.presences.pop(TOKEN.unpack_from(payload)[0], None)
+            if asked is not None:
+                got = _decode_presence(payload[TOKEN.size :])
+                conn, op_id = asked
+                conn.write(encode(Presence(key, got.users, got.anonymous, op_id, got.partial)))
         elif kind == Kind.SYNCED and self.waiting:
             # A hello and a sub sent together are acked in one write.
             acks: dict[Connection, bytes] = {}

@@ -1,0 +1,75 @@
+"""Per-channel history of recent messages, for ``sub`` with ``since`` (no I/O, no clock).
+
+The local broker keeps every channel's last ``size`` messages here. The Redis broker
+keeps the messages it forwarded for the channels its node subscribes to, so a
+reconnecting client is usually answered without a Redis round trip; Redis holds the
+authoritative history of every channel.
+
+A channel's history expires ``ttl`` seconds after its last message, as in Redis
+(the list's EXPIRE is refreshed by each publish). Callers pass ``now``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+Entry = tuple[int, bytes]  # (seq, event line)
+
+
+class History:
+    __slots__ = ("channels", "size", "ttl")
+
+    def __init__(self, size: int, ttl: float) -> None:
+        self.size = size
+        self.ttl = ttl
+        # channel -> (time of the last message, its recent messages oldest first)
+        self.channels: dict[str, tuple[float, deque[Entry]]] = {}
+
+    def add(self, channel: str, seq: int, line: bytes, now: float) -> None:
+        if self.size <= 0:
+            return
+        held = self.channels.get(channel)
+        entries = held[1] if held is not None else deque(maxlen=self.size)
+        entries.append((seq, line))
+        self.channels[channel] = (now, entries)
+
+    def entries(self, channel: str, now: float) -> deque[Entry] | tuple[()]:
+        held = self.channels.get(channel)
+        if held is None:
+            return ()
+        if now - held[0] > self.ttl:
+            del self.channels[channel]
+            return ()
+        return held[1]
+
+    def forget(self, channel: str) -> None:
+        self.channels.pop(channel, None)
+
+    def sweep(self, now: float) -> int:
+        """Drop every expired channel; return how many were dropped."""
+        old = [ch for ch, (t, _) in self.channels.items() if now - t > self.ttl]
+        for ch in old:
+            del self.channels[ch]
+        return len(old)
+
+    def __len__(self) -> int:
+        return len(self.channels)
+
+
+def missed(since: int, seq: int, *sources: Iterable[Entry]) -> list[bytes] | None:
+    """The lines of seqs ``since+1 .. seq`` in order from any of ``sources``, or None.
+
+    None means the history does not cover the gap (too old, expired, or a seq from
+    the future: the channel's counter was reset), so the client cannot recover.
+    """
+    if since > seq:
+        return None
+    found: dict[int, bytes] = {}
+    for source in sources:
+        for s, line in source:
+            if since < s <= seq:
+                found[s] = line
+    if len(found) != seq - since:
+        return None
+    return [found[s] for s in range(since + 1, seq + 1)]

@@ -1,0 +1,604 @@
+"""The Redis broker: several nodes sharing one Redis (or Redis Cluster) are one server.
+
+Each node still routes between its own workers as the local broker does (this class
+extends it); Redis carries messages between nodes, and a node subscribes only to what
+its connections need:
+
+- a channel's topic while the node holds a subscriber of it,
+- a user's topic while the node holds a connection of that user, so a ``send`` to a
+  user reaches only the nodes where that user is (no fan-out to every node),
+- the broadcast topic, and the node's own topic (answers to its presence questions).
+
+A publish runs one Lua script: INCR the channel's seq, append the event line to the
+channel's history list (trimmed to ``history_size``, EXPIRE ``history_ttl``), and
+PUBLISH it, atomically, so seqs are monotonic per channel across nodes and the history
+never misses a published seq. On a cluster the channel's keys and topic share a hash
+tag (one slot) and the script uses SPUBLISH: sharded pub/sub (Redis 7).
+
+When Redis goes away the node keeps serving: it reports ``degraded``, delivers what is
+published on it to its own subscribers (with the channel's last seq, not in history),
+reconnects with backoff and resubscribes everything. docs/scale-out.md says what an
+outage loses and what history recovers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgspec
+import redis.asyncio as aioredis
+from msgspec import Raw
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
+
+from ..protocol.messages import broadcast_line, dm_line, msg_line
+from ..server.link import Link
+from .base import PresenceResult
+from .history import missed
+from .local import PRESENCE_TIMEOUT, LocalBroker, _Gather, answer_recover
+from .pubsub import Shard
+
+SEQ_TTL: Final = 30 * 86400  # a channel's seq outlives its history by far (see docs)
+BACKOFF: Final = (0.1, 5.0)  # first and longest wait between reconnection attempts
+CATCH_UP: Final = 2.0  # seconds a recovery waits for pub/sub to reach Redis's history
+BROADCAST: Final = "md:b{all}"
+
+# KEYS: seq, history. ARGV: topic, line prefix, line suffix, size, ttl, seq ttl, push tag.
+_PUBLISH: Final = """
+local seq = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+local line = ARGV[2] .. seq .. ARGV[3]
+local size = tonumber(ARGV[4])
+if size > 0 then
+  redis.call('RPUSH', KEYS[2], line)
+  redis.call('LTRIM', KEYS[2], -size, -1)
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+end
+local n = redis.call('%s', ARGV[1], ARGV[7] .. seq .. ' ' .. line)
+return {seq, n}
+"""
+# KEYS: seq, history. The seq and the lines it ends, read atomically.
+_HISTORY: Final = "return {redis.call('GET', KEYS[1]) or '0', redis.call('LRANGE', KEYS[2], 0, -1)}"
+
+_encode_json: Final = msgspec.json.Encoder().encode
+_decode_part: Final = msgspec.json.Decoder(PresenceResult).decode
+
+
+def tag(name: str) -> str:
+    """A Redis hash tag for ``name``: all keys and the topic of a channel share a slot.
+
+    A name with a brace would end the tag early (and split a channel's keys over
+    slots), so such names are hex-encoded; the ``x`` keeps the two forms apart.
+    """
+    if "{" in name or "}" in name:
+        return "x{" + name.encode().hex() + "}"
+    return "{" + name + "}"
+
+
+def untag(topic: bytes, start: int) -> str:
+    """The name in ``topic`` from ``start`` (where its tag begins) to the end."""
+    part = topic[start:]
+    if part[:1] == b"x":
+        return bytes.fromhex(part[2:-1].decode()).decode()
+    return part[1:-1].decode()
+
+
+def channel_topic(channel: str) -> str:
+    return "md:c" + tag(channel)
+
+
+def user_topic(user: str) -> str:
+    return "md:u" + tag(user)
+
+
+@dataclass(slots=True)
+class _Channel:
+    """What the node knows of a channel it subscribes to."""
+
+    last: int = 0  # the highest seq delivered to workers
+    ready: bool = False  # subscribed and ``last`` read from Redis
+    buffer: list[tuple[int, bytes]] = field(default_factory=list)  # arrived before ready
+    recoveries: list[tuple[Link, int, int]] = field(default_factory=list)  # before ready
+    waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
+
+
+class RedisBroker(LocalBroker):
+    kind = "redis"
+
+    def __init__(self, url: str, history_size: int = 100, history_ttl: float = 300.0) -> None:
+        super().__init__(history_size, history_ttl)
+        self.url = url
+        self.node = secrets.token_hex(6)
+        self.node_topic = f"md:n{{{self.node}}}".encode()
+        self.cluster = False
+        self.redis: Any = None  # redis.asyncio.Redis or RedisCluster
+        self.shards: dict[str, Shard] = {}
+        self.state: dict[str, _Channel] = {}
+        self.degraded = True  # until connected and subscribed
+        self.reconnecting: asyncio.Task[None] | None = None
+        self.outbox: deque[tuple[str, str, bytes, asyncio.Future[Any] | None]] = deque()
+        self.outbox_ready = asyncio.Event()
+        # Subscription marks: a SYNC is answered once every subscription asked before
+        # it is in effect (confirmed, and for a channel its seq read).
+        self.issued = 0
+        self.watermark = 0
+        self.done_marks: set[int] = set()
+        self.awaiting: dict[bytes, deque[int]] = {}  # topic -> marks of its SUBSCRIBEs
+        self.syncs: dict[Link, deque[int]] = {}
+        self.inits: list[tuple[str, int]] = []  # channels whose seq is to be read
+        self.inits_ready = asyncio.Event()
+        self.remote: dict[int, _Gather] = {}  # presence questions asked of other nodes
+        self.received = 0  # messages this node received from Redis
+        self.sent = 0  # publishes this node sent to Redis
+        self.local_only = 0  # publishes delivered only locally while degraded
+        self.reconnects = 0
+        self.last_error = ""
+
+    # --- connection -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await super().start()
+        probe = aioredis.Redis.from_url(self.url, socket_connect_timeout=2)
+        try:
+            info = await probe.info("cluster")
+            self.cluster = bool(info.get("cluster_enabled"))
+        except Exception as exc:
+            raise RuntimeError(f"redis broker: cannot reach {self.url}: {exc}") from None
+        finally:
+            await probe.aclose()
+        opts: dict[str, Any] = {"socket_connect_timeout": 2, "socket_timeout": 5}
+        if self.cluster:
+            self.redis = RedisCluster.from_url(self.url, **opts)
+            await self.redis.initialize()
+        else:
+            self.redis = aioredis.Redis.from_url(self.url, **opts)
+        self.spawn(self._publisher())
+        self.spawn(self._initializer())
+        await self._connect()
+
+    async def close(self) -> None:
+        if self.reconnecting is not None:
+            self.reconnecting.cancel()
+        for shard in self.shards.values():
+            await shard.close()
+        await super().close()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    def _make_shards(self) -> dict[str, Shard]:
+        # A subscriber waits for pushes as long as it takes: no read timeout, keepalive on.
+        quiet = {"socket_timeout": None, "socket_keepalive": True}
+        if not self.cluster:
+            pool = aioredis.ConnectionPool.from_url(self.url, socket_connect_timeout=2, **quiet)
+            return {"redis": Shard("redis", pool.make_connection, self._on_push, self._lost)}
+        shards = {}
+        for node in self.redis.get_primaries():
+
+            def connect(n: Any = node) -> AbstractConnection:
+                kwargs = {**n.connection_kwargs, **quiet}
+                return n.connection_class(**kwargs)  # type: ignore[no-any-return]
+
+            shards[node.name] = Shard(node.name, connect, self._on_push, self._lost)
+        return shards
+
+    def _shard(self, topic: bytes) -> Shard | None:
+        if not self.cluster:
+            return self.shards.get("redis")
+        return self.shards.get(self.redis.get_node_from_key(topic).name)
+
+    async def _connect(self) -> None:
+        """Open every shard and subscribe to everything the node holds; raise on failure."""
+        if self.cluster:
+            await self.redis.initialize()
+        shards = self._make_shards()
+        try:
+            for shard in shards.values():
+                await shard.open()
+        except BaseException:
+            for shard in shards.values():
+                await shard.close()
+            raise
+        self.shards = shards
+        for st in self.state.values():
+            st.ready = False
+        topics = [BROADCAST.encode(), self.node_topic]
+        topics += [channel_topic(c).encode() for c in self.channels]
+        topics += [user_topic(u).encode() for u in self.users]
+        last = 0
+        for topic in topics:
+            last = self._subscribe(topic)
+        self.spawn(self._recovered_at(last))
+
+    async def _recovered_at(self, mark: int) -> None:
+        while self.watermark < mark and self.shards:
+            await asyncio.sleep(0.01)
+        if self.shards:
+            self.degraded = False
+
+    def _lost(self, shard: Shard, exc: BaseException | None) -> None:
+        if exc is not None:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+        self.degraded = True
+        for each in {shard, *self.shards.values()}:
+            self.spawn(each.close())
+        self.shards = {}
+        # Nothing asked of Redis will be confirmed now: let every waiting SYNC through.
+        self.awaiting.clear()
+        self.inits.clear()
+        self._complete(*range(self.watermark + 1, self.issued + 1))
+        for channel, st in self.state.items():
+            st.ready = True
+            self._flush_channel(channel, st)
+        if self.reconnecting is None or self.reconnecting.done():
+            self.reconnecting = self.spawn(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay = BACKOFF[0]
+        while True:
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            try:
+                await self._connect()
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                delay = min(delay * 2, BACKOFF[1])
+                continue
+            self.reconnects += 1
+            return
+
+    @property
+    def status(self) -> str:
+        return "degraded" if self.degraded else "ok"
+
+    # --- subscriptions ----------------------------------------------------------------
+
+    def _subscribe(self, topic: bytes) -> int:
+        self.issued += 1
+        mark = self.issued
+        shard = self._shard(topic) if self.shards else None
+        if shard is None:
+            self._complete(mark)
+        else:
+            self.awaiting.setdefault(topic, deque()).append(mark)
+            shard.send(b"SSUBSCRIBE" if self.cluster else b"SUBSCRIBE", topic)
+        return mark
+
+    def _unsubscribe(self, topic: bytes) -> None:
+        shard = self._shard(topic) if self.shards else None
+        if shard is not None:
+            shard.send(b"SUNSUBSCRIBE" if self.cluster else b"UNSUBSCRIBE", topic)
+
+    def _complete(self, *marks: int) -> None:
+        self.done_marks.update(marks)
+        while self.watermark + 1 in self.done_marks:
+            self.watermark += 1
+            self.done_marks.discard(self.watermark)
+        for link, needs in list(self.syncs.items()):
+            while needs and needs[0] <= self.watermark:
+                needs.popleft()
+                super().sync(link)
+            if not needs:
+                del self.syncs[link]
+
+    def sync(self, link: Link) -> None:
+        needs = self.syncs.get(link)
+        if needs is None and self.issued <= self.watermark:
+            super().sync(link)
+        else:
+            self.syncs.setdefault(link, deque()).append(self.issued)
+
+    def detach(self, link: Link) -> None:
+        self.syncs.pop(link, None)
+        super().detach(link)
+
+    def channel_added(self, channel: str) -> None:
+        self.state[channel] = _Channel(ready=not self.shards)
+        self._subscribe(channel_topic(channel).encode())
+
+    def channel_removed(self, channel: str) -> None:
+        st = self.state.pop(channel, None)
+        self.history.forget(channel)
+        self._unsubscribe(channel_topic(channel).encode())
+        if st is not None:
+            for link, req, _ in st.recoveries:
+                answer_recover(link, channel, req, st.last, None)
+
+    def user_added(self, user: str) -> None:
+        self._subscribe(user_topic(user).encode())
+
+    def user_removed(self, user: str) -> None:
+        self._unsubscribe(user_topic(user).encode())
+
+    async def _initializer(self) -> None:
+        """Read the seq of newly subscribed channels, many per round trip."""
+        while True:
+            await self.inits_ready.wait()
+            self.inits_ready.clear()
+            batch, self.inits = self.inits, []
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                for channel, _ in batch:
+                    pipe.get(f"md:c{tag(channel)}:s")
+                values = await pipe.execute()
+            except Exception as exc:
+                self._lost_command(exc)
+                continue
+            for (channel, mark), value in zip(batch, values, strict=True):
+                st = self.state.get(channel)
+                if st is not None and not st.ready:
+                    st.last = int(value or 0)
+                    st.ready = True
+                    self._flush_channel(channel, st)
+                    for link, req, since in st.recoveries:
+                        self.recover(link, channel, req, since)
+                    st.recoveries.clear()
+                self._complete(mark)
+
+    def _flush_channel(self, channel: str, st: _Channel) -> None:
+        buffered, st.buffer = st.buffer, []
+        for seq, line in buffered:
+            self._forward(channel, st, seq, line)
+
+    # --- messages from Redis ----------------------------------------------------------
+
+    def _on_push(self, shard: Shard, push: list[Any]) -> None:
+        kind = push[0]
+        if kind in (b"message", b"smessage"):
+            self.received += 1
+            self._on_message(push[1], push[2])
+        elif kind in (b"subscribe", b"ssubscribe"):
+            marks = self.awaiting.get(push[1])
+            if not marks:
+                return
+            mark = marks.popleft()
+            if not marks:
+                del self.awaiting[push[1]]
+            if push[1].startswith(b"md:c"):
+                self.inits.append((untag(push[1], 4), mark))
+                self.inits_ready.set()
+            else:
+                self._complete(mark)
+
+    def _on_message(self, topic: bytes, payload: bytes) -> None:
+        head = topic[:4]
+        if head == b"md:u":
+            self.deliver_user(untag(topic, 4), payload)
+        elif head == b"md:c":
+            channel = untag(topic, 4)
+            space = payload.index(b" ")
+            if payload[:1] == b"m":
+                st = self.state.get(channel)
+                if st is not None:
+                    seq = int(payload[1:space])
+                    if st.ready:
+                        self._forward(channel, st, seq, payload[space + 1 :])
+                    else:
+                        st.buffer.append((seq, payload[space + 1 :]))
+            elif payload[:1] == b"p":  # a presence question: p<node> <token>
+                asker, token = payload[1:space].decode(), int(payload[space + 1 :])
+                self.spawn(self._answer_remote_presence(channel, asker, token))
+        elif head == b"md:b":
+            self.deliver_all(payload[payload.index(b" ") + 1 :])
+        elif topic == self.node_topic and payload[:1] == b"r":
+            space = payload.index(b" ")
+            gather = self.remote.get(int(payload[1:space]))
+            if gather is not None:
+                gather.add(_decode_part(payload[space + 1 :]))
+
+    def _forward(self, channel: str, st: _Channel, seq: int, line: bytes) -> None:
+        if seq <= st.last:
+            return  # published before this node's subscription took effect
+        st.last = seq
+        self.history.add(channel, seq, line, time.monotonic())
+        self.deliver_channel(channel, line)
+        if st.waiters:
+            for _want, fut in [w for w in st.waiters if w[0] <= seq]:
+                if not fut.done():
+                    fut.set_result(None)
+            st.waiters = [w for w in st.waiters if w[0] > seq]
+
+    # --- publishing -------------------------------------------------------------------
+
+    def pub_channel(self, channel: str, sender: str | None, data: Raw) -> dict[str, Any]:
+        self._queue("c", channel, msg_line(channel, 0, sender, data), None)
+        return {}
+
+    def pub_user(self, user: str, sender: str | None, data: Raw) -> dict[str, Any]:
+        self._queue("u", user, dm_line(sender, data), None)
+        return {}
+
+    async def publish_channel(self, channel: str, sender: str | None, data: Raw) -> dict[str, Any]:
+        return await self._ask("c", channel, msg_line(channel, 0, sender, data))
+
+    async def publish_user(self, user: str, sender: str | None, data: Raw) -> dict[str, Any]:
+        return await self._ask("u", user, dm_line(sender, data))
+
+    async def broadcast(self, sender: str | None, data: Raw) -> dict[str, Any]:
+        return await self._ask("b", "", broadcast_line(0, sender, data))
+
+    async def _ask(self, kind: str, key: str, line: bytes) -> dict[str, Any]:
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._queue(kind, key, line, fut)
+        return await fut
+
+    def _queue(self, kind: str, key: str, line: bytes, fut: asyncio.Future[Any] | None) -> None:
+        self.published += 1
+        self.outbox.append((kind, key, line, fut))
+        self.outbox_ready.set()
+
+    async def _publisher(self) -> None:
+        """Send queued publishes in order, as one pipeline per batch."""
+        script = _PUBLISH % ("spublish" if self.cluster else "publish")
+        while True:
+            await self.outbox_ready.wait()
+            self.outbox_ready.clear()
+            batch = list(self.outbox)
+            self.outbox.clear()
+            if self.degraded:
+                self._deliver_locally(batch)
+                continue
+            pipe = self.redis.pipeline(transaction=False)
+            for kind, key, line, _ in batch:
+                if kind == "u":
+                    topic = user_topic(key)
+                    (pipe.spublish if self.cluster else pipe.publish)(topic, line)
+                    continue
+                prefix, suffix = _split_at_seq(line)
+                t = tag(key) if kind == "c" else "{all}"
+                size = self.history.size if kind == "c" else 0
+                keys = (f"md:{kind}{t}:s", f"md:{kind}{t}:h")
+                head = b"m" if kind == "c" else b"b"
+                ttl = int(self.history.ttl) or 1
+                pipe.eval(
+                    script, 2, *keys, f"md:{kind}{t}", prefix, suffix, size, ttl, SEQ_TTL, head
+                )
+            try:
+                results = await pipe.execute()
+            except Exception as exc:
+                self._lost_command(exc)
+                self._deliver_locally(batch)
+                continue
+            self.sent += len(batch)
+            for (kind, _, _, fut), result in zip(batch, results, strict=True):
+                if fut is not None and not fut.done():
+                    if kind == "u":
+                        fut.set_result({"nodes": int(result)})
+                    else:
+                        fut.set_result({"seq": int(result[0]), "nodes": int(result[1])})
+
+    def _deliver_locally(
+        self, batch: list[tuple[str, str, bytes, asyncio.Future[Any] | None]]
+    ) -> None:
+        """While Redis is away: this node's subscribers still get what is published here."""
+        for kind, key, line, fut in batch:
+            self.local_only += 1
+            if kind == "u":
+                workers = self.deliver_user(key, line)
+            elif kind == "b":
+                workers = self.deliver_all(line)
+            else:
+                st = self.state.get(key)
+                seq = st.last if st is not None else 0
+                prefix, suffix = _split_at_seq(line)
+                workers = self.deliver_channel(key, prefix + str(seq).encode() + suffix)
+            if fut is not None and not fut.done():
+                fut.set_result({"degraded": True, "workers": workers})
+
+    def _lost_command(self, exc: Exception) -> None:
+        """A command failed: Redis is unreachable; the shards will notice (or be told)."""
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        if self.shards:
+            next(iter(self.shards.values()))._lost(exc)
+
+    # --- history and presence ---------------------------------------------------------
+
+    def recover(self, link: Link, channel: str, req: int, since: int) -> None:
+        st = self.state.get(channel)
+        if st is None:
+            answer_recover(link, channel, req, 0, None)
+            return
+        if not st.ready:
+            st.recoveries.append((link, req, since))
+            return
+        lines = missed(since, st.last, self.history.entries(channel, time.monotonic()))
+        if lines is not None or self.degraded:
+            answer_recover(link, channel, req, st.last, lines)
+            return
+        self.spawn(self._recover_from_redis(link, channel, req, since, st))
+
+    async def _recover_from_redis(
+        self, link: Link, channel: str, req: int, since: int, st: _Channel
+    ) -> None:
+        t = tag(channel)
+        try:
+            value, lines = await self.redis.eval(_HISTORY, 2, f"md:c{t}:s", f"md:c{t}:h")
+            cur = int(value)
+        except Exception as exc:
+            self._lost_command(exc)
+            answer_recover(link, channel, req, st.last, None)
+            return
+        if st.last < cur:
+            # What Redis already holds is still on its way to us by pub/sub: wait for
+            # it, so the client joins exactly where live delivery goes on.
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            st.waiters.append((cur, fut))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(fut, CATCH_UP)
+        if self.state.get(channel) is not st:
+            answer_recover(link, channel, req, st.last, None)
+            return
+        first = cur - len(lines) + 1
+        stored = [(first + i, line) for i, line in enumerate(lines)]
+        local = self.history.entries(channel, time.monotonic())
+        answer_recover(link, channel, req, st.last, missed(since, st.last, stored, local))
+
+    async def presence(self, channel: str) -> PresenceResult:
+        if self.degraded:
+            result = await self.node_presence(channel)
+            result.partial = True
+            return result
+        token = next(self.tokens)
+        gather = self.remote[token] = _Gather(1 << 30)
+        try:
+            question = b"p%s %d" % (self.node.encode(), token)
+            topic = channel_topic(channel)
+            if self.cluster:
+                nodes = await self.redis.spublish(topic, question)
+            else:
+                nodes = await self.redis.publish(topic, question)
+            gather.remaining -= (1 << 30) - int(nodes)
+            if gather.remaining <= 0:
+                return gather.result
+            return await gather.wait(PRESENCE_TIMEOUT)
+        except Exception as exc:
+            self._lost_command(exc)
+            result = await self.node_presence(channel)
+            result.partial = True
+            return result
+        finally:
+            del self.remote[token]
+
+    async def _answer_remote_presence(self, channel: str, asker: str, token: int) -> None:
+        part = await self.node_presence(channel)
+        reply = b"r%d %s" % (token, _encode_json(part))
+        try:
+            topic = f"md:n{{{asker}}}"
+            await (self.redis.spublish if self.cluster else self.redis.publish)(topic, reply)
+        except Exception as exc:
+            self._lost_command(exc)
+
+    def stats(self) -> dict[str, Any]:
+        out = super().stats()
+        out.update(
+            {
+                "node": self.node,
+                "redis": _safe_url(self.url),
+                "cluster": self.cluster,
+                "received_from_redis": self.received,
+                "sent_to_redis": self.sent,
+                "delivered_locally_while_degraded": self.local_only,
+                "reconnects": self.reconnects,
+                "last_error": self.last_error,
+            }
+        )
+        return out
+
+
+def _split_at_seq(line: bytes) -> tuple[bytes, bytes]:
+    """An event line encoded with seq 0, cut around that 0 (the script puts the seq in)."""
+    at = line.index(b'"seq":0') + 6
+    return line[:at], line[at + 1 :]
+
+
+def _safe_url(url: str) -> str:
+    """The URL without a password, for stats."""
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
