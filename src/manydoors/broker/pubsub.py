@@ -31,8 +31,10 @@ class Shard:
         connect: Callable[[], AbstractConnection],
         on_push: Callable[[Shard, list[Any]], None],
         on_lost: Callable[[Shard, BaseException | None], None],
+        sharded: bool = False,
     ) -> None:
         self.name = name
+        self.sharded = sharded
         self.connect = connect
         self.on_push = on_push
         self.on_lost = on_lost
@@ -61,12 +63,14 @@ class Shard:
             conn = self.conn
             if conn is None:
                 return
+            # A cluster takes only channels of one slot per SSUBSCRIBE: one topic each.
+            chunk = 1 if self.sharded else CHUNK
+            packed: list[bytes] = []
+            for command, topics in _runs(ops):
+                for i in range(0, len(topics), chunk):
+                    packed += conn.pack_command(command, *topics[i : i + chunk])
             try:
-                for command, topics in _runs(ops):
-                    for i in range(0, len(topics), CHUNK):
-                        await conn.send_packed_command(
-                            conn.pack_command(command, *topics[i : i + CHUNK]), False
-                        )
+                await conn.send_packed_command(packed, False)
             except Exception as exc:  # OSError or redis-py's own ConnectionError
                 self._lost(exc)
                 return

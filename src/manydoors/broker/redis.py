@@ -150,7 +150,9 @@ class RedisBroker(LocalBroker):
             info = await probe.info("cluster")
             self.cluster = bool(info.get("cluster_enabled"))
         except Exception as exc:
-            raise RuntimeError(f"redis broker: cannot reach {self.url}: {exc}") from None
+            raise ConnectionError(
+                f"redis broker: cannot reach {_safe_url(self.url)}: {exc}"
+            ) from None
         finally:
             await probe.aclose()
         opts: dict[str, Any] = {"socket_connect_timeout": 2, "socket_timeout": 5}
@@ -161,7 +163,11 @@ class RedisBroker(LocalBroker):
             self.redis = aioredis.Redis.from_url(self.url, **opts)
         self.spawn(self._publisher())
         self.spawn(self._initializer())
-        await self._connect()
+        try:
+            await asyncio.wait_for(self._recovered_at(await self._connect()), 10)
+        except Exception as exc:
+            url = _safe_url(self.url)
+            raise ConnectionError(f"redis broker: cannot subscribe on {url}: {exc}") from None
 
     async def close(self) -> None:
         if self.reconnecting is not None:
@@ -185,7 +191,7 @@ class RedisBroker(LocalBroker):
                 kwargs = {**n.connection_kwargs, **quiet}
                 return n.connection_class(**kwargs)  # type: ignore[no-any-return]
 
-            shards[node.name] = Shard(node.name, connect, self._on_push, self._lost)
+            shards[node.name] = Shard(node.name, connect, self._on_push, self._lost, sharded=True)
         return shards
 
     def _shard(self, topic: bytes) -> Shard | None:
@@ -193,10 +199,15 @@ class RedisBroker(LocalBroker):
             return self.shards.get("redis")
         return self.shards.get(self.redis.get_node_from_key(topic).name)
 
-    async def _connect(self) -> None:
-        """Open every shard and subscribe to everything the node holds; raise on failure."""
+    async def _connect(self) -> int:
+        """Open every shard, subscribe to all the node holds (raise on failure).
+
+        Returns the mark after which the subscriptions are in effect.
+        """
         if self.cluster:
             await self.redis.initialize()
+        else:  # pooled command connections from before an outage are dead
+            await self.redis.connection_pool.disconnect()
         shards = self._make_shards()
         try:
             for shard in shards.values():
@@ -214,7 +225,7 @@ class RedisBroker(LocalBroker):
         last = 0
         for topic in topics:
             last = self._subscribe(topic)
-        self.spawn(self._recovered_at(last))
+        return last
 
     async def _recovered_at(self, mark: int) -> None:
         while self.watermark < mark and self.shards:
@@ -244,13 +255,15 @@ class RedisBroker(LocalBroker):
         while True:
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             try:
-                await self._connect()
+                mark = await self._connect()
             except Exception as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 delay = min(delay * 2, BACKOFF[1])
                 continue
-            self.reconnects += 1
-            return
+            await self._recovered_at(mark)
+            if not self.degraded:  # else lost again while resubscribing: try again
+                self.reconnects += 1
+                return
 
     @property
     def status(self) -> str:

@@ -271,7 +271,11 @@ class Supervisor:
             # The handler only records the request; the loop below acts on it.
             loop.add_signal_handler(sig, self.stop_requested.set)
         self.bind()
-        await self.broker.start()
+        try:
+            await self.broker.start()
+        except ConnectionError as exc:
+            await self.broker.close()
+            raise StartupError(str(exc)) from None
         runner = await start_api(self)
         try:
             for pool in self.pools:

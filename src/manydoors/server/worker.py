@@ -264,9 +264,10 @@ class Worker:
             if not left and channel not in self.hub.channels and self.link is not None:
                 self.link.send(Kind.UNSUB, channel)
             return
-        if not self.hub.subscribe(conn, channel):
+        if channel in channels_of(conn):
             self.ok(conn, op_id)  # subscribed meanwhile: it has been receiving live
             return
+        self.hub.subscribe(conn, channel)  # the broker knows our interest already
         lines = payload[RECOVERED_HEAD.size :].splitlines(keepends=True)
         frame = self.frame
         out = [frame(encode(Recovered(op_id, bool(ok), seq, len(lines))))]
