@@ -198,6 +198,7 @@ def test_redis_killed_and_restarted_mid_stream(nodes, clients, redis_server):
         wait_for(lambda n=node: n.http("GET", "/healthz")[1]["broker"] == "degraded", what="down")
         status, health = node.http("GET", "/healthz")
         assert status == 200 and health["status"] == "degraded"  # still serving its clients
+    assert "manydoors_broker_degraded 1.0" in a.http("GET", "/metrics")[1]
     reply = a.publish(channel="veg", data="during")
     assert reply["degraded"] is True
     assert on_a.recv()["data"] == "during"  # delivered on its own node
@@ -213,6 +214,7 @@ def test_redis_killed_and_restarted_mid_stream(nodes, clients, redis_server):
     assert [e["data"] for e in data_until(on_a, "all")] == ["after", "all"]
     assert [e["data"] for e in data_until(on_b, "all")] == ["after", "dm", "all"]
     assert a.proc.poll() is None and b.proc.poll() is None
+    assert "manydoors_broker_degraded 0.0" in a.http("GET", "/metrics")[1]
 
 
 def test_a_node_that_cannot_reach_redis_at_start_says_so(tmp_path):

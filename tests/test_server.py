@@ -270,6 +270,7 @@ def test_api_rejects_bad_publish_bodies_and_serves_metrics(serve):
     assert status == 200
     assert 'manydoors_connections{service="chat"} 0.0' in text
     assert "manydoors_refused_total" in text
+    assert "manydoors_broker_degraded 0.0" in text
     status, health = server.http("GET", "/healthz")
     assert status == 200 and health["status"] == "ok"
     stats = server.stats()

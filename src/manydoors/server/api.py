@@ -167,6 +167,21 @@ class _Collector:
             for label, value in s[key].items():
                 family.add_metric([label], value)
             yield family
+        broker = s["broker"]
+        yield GaugeMetricFamily(
+            "manydoors_broker_degraded",
+            "1 while the broker cannot carry messages between nodes",
+            value=int(broker["status"] != "ok"),
+        )
+        for name, help_ in (
+            ("published", "Messages published through this node's broker"),
+            ("received_from_redis", "Messages this node received from Redis"),
+            ("sent_to_redis", "Publishes this node sent to Redis"),
+            ("delivered_locally_while_degraded", "Publishes delivered only on this node"),
+            ("reconnects", "Reconnections to Redis"),
+        ):
+            if name in broker:
+                yield CounterMetricFamily(f"manydoors_broker_{name}", help_, value=broker[name])
 
 
 async def metrics(request: web.Request) -> web.Response:
