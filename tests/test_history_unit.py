@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from manydoors.broker.history import History, missed
 
 
@@ -45,11 +43,6 @@ def test_channel_history_expires_ttl_after_its_last_message_not_its_first():
     assert len(history) == 0  # an expired channel found by entries() is dropped
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: History.add appends to an expired channel's deque and refreshes its "
-    "time, so messages older than the ttl come back (Redis's list would have expired)",
-)
 def test_a_message_after_expiry_starts_a_fresh_history():
     history = History(10, 300)
     history.add("veg", 1, line(1), 0.0)

@@ -30,7 +30,10 @@ class History:
         if self.size <= 0:
             return
         held = self.channels.get(channel)
-        entries = held[1] if held is not None else deque(maxlen=self.size)
+        if held is not None and now - held[0] <= self.ttl:
+            entries = held[1]
+        else:  # new, or expired (as Redis's list would have): start afresh
+            entries = deque(maxlen=self.size)
         entries.append((seq, line))
         self.channels[channel] = (now, entries)
 

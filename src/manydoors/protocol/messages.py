@@ -28,7 +28,7 @@ class Sub(Struct, tag="sub", tag_field="op"):
     channel: Name
     id: OpId = None
     # The last seq the client saw: replay what it missed from the channel's history.
-    since: Annotated[int, Meta(ge=0)] | None = None
+    since: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
 
 
 class Unsub(Struct, tag="unsub", tag_field="op"):

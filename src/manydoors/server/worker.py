@@ -231,7 +231,8 @@ class Worker:
     def unsubscribe(self, conn: Connection, op: Unsub) -> None:
         channel = op.channel
         for req in [r for r, (c, ch, _) in self.recovering.items() if c is conn and ch == channel]:
-            del self.recovering[req]  # its answer will find nobody waiting
+            # Its answer will find nobody waiting; the sub is acked now, before the unsub.
+            self.ok(conn, self.recovering.pop(req)[2])
         if self.hub.unsubscribe(conn, channel) and channel not in self.pending:
             self._interest(Kind.UNSUB, channel)
         self.ok(conn, op.id)
@@ -268,7 +269,8 @@ class Worker:
             self.ok(conn, op_id)  # subscribed meanwhile: it has been receiving live
             return
         self.hub.subscribe(conn, channel)  # the broker knows our interest already
-        lines = payload[RECOVERED_HEAD.size :].splitlines(keepends=True)
+        # Split on newlines only: a relayed ``data`` may hold a raw \r (JSON whitespace).
+        lines = [line + b"\n" for line in payload[RECOVERED_HEAD.size :].split(b"\n")[:-1]]
         frame = self.frame
         out = [frame(encode(Recovered(op_id, bool(ok), seq, len(lines))))]
         out.extend(frame(line) for line in lines)
