@@ -1,7 +1,8 @@
 """Scale-out through Redis: one node (local broker), one node (Redis), two nodes + Redis.
 
     ./run bench scaleout [--connections 20000] [--messages 2000] [--samples 100]
-                         [--latency-messages 30] [--latency-rate 1] [--quick]
+                         [--latency-messages 30] [--latency-rate 1]
+                         [--burst-messages 10000] [--idle 10] [--setups ABC] [--quick]
 
 Every setup holds the same subscribers of one channel (the load generator opens them,
 each says hello and subscribes; the bench process opens ``--samples`` of them itself):
@@ -21,7 +22,12 @@ Per setup:
   ``messages_out`` until the sum has grown by messages x subscribers: deliveries/s;
 - Redis CPU (B, C): utime + stime of the redis-server process (/proc/PID/stat, and
   INFO cpu as a cross-check) over the throughput phase, per million deliveries and
-  per message published.
+  per message published. That phase lasts minutes (the fan-out is the bottleneck), so
+  an idle Redis's own cost (serverCron) is most of it; a burst phase then measures
+  Redis's work alone: ``--idle`` seconds of idle Redis, then ``--burst-messages`` to
+  a second channel with one subscriber per node (the same script and the same one
+  push per node per message), as fast as acked; its CPU per message net of idle x
+  messages per million deliveries is Redis's cost per million deliveries.
 
 Exactly-once is checked twice: each sample subscriber sees every ``seq`` once with no
 gap, and each node's ``messages_out`` grows by exactly messages x its subscribers
@@ -56,12 +62,12 @@ import uvloop
 from _common import Server, machine, save, server
 
 CHANNEL = "scale"
+BURST_CHANNEL = "scale-burst"  # one subscriber per node: Redis's own cost per message
 FD_RESERVE = 64  # the server's default per-worker reserve
 SLACK = 1.05  # the supervisor sizes pools with 5 % spare (SO_REUSEPORT is not even)
 WINDOW = 64  # unacked pub ops in flight during the throughput phase
 POLL = 0.05  # seconds between two stats polls while deliveries complete
 STALL = 60.0  # seconds without progress in messages_out before a phase gives up
-IDLE = 3.0  # seconds of idle Redis measured before the throughput phase
 
 
 # --- Redis ------------------------------------------------------------------------------
@@ -231,14 +237,14 @@ class Client(asyncio.Protocol):
         self.send(obj)
         await asyncio.wait_for(fut, 60)
 
-    async def publish(self, data: dict[str, Any]) -> None:
+    async def publish(self, data: dict[str, Any], channel: str = CHANNEL) -> None:
         """A ``pub`` op; waits while ``WINDOW`` of them are unacked."""
         while self.outstanding >= WINDOW:
             self.room.clear()
             await self.room.wait()
         self.next_id += 1
         self.outstanding += 1
-        self.send({"op": "pub", "channel": CHANNEL, "data": data, "id": self.next_id})
+        self.send({"op": "pub", "channel": channel, "data": data, "id": self.next_id})
 
     async def drained(self) -> None:
         while self.outstanding > 0:
@@ -252,10 +258,10 @@ async def connect(host: str, port: int) -> Client:
     return client
 
 
-async def subscriber(host: str, port: int, user: str) -> Client:
+async def subscriber(host: str, port: int, user: str, channel: str = CHANNEL) -> Client:
     c = await connect(host, port)
     await c.request({"op": "hello", "user": user, "id": 1})
-    await c.request({"op": "sub", "channel": CHANNEL, "id": 2})
+    await c.request({"op": "sub", "channel": channel, "id": 2})
     return c
 
 
@@ -431,6 +437,10 @@ async def measure(
         await subscriber(last.host, last.srv.port, f"sample{i}") for i in range(args.samples)
     ]
     pub = await connect(first.host, first.srv.port)
+    burst_subs = []
+    if rproc is not None:
+        for i, nd in enumerate(nodes):
+            burst_subs.append(await subscriber(nd.host, nd.srv.port, f"burst{i}", BURST_CHANNEL))
     expected_subs = [nd.subscribers for nd in nodes]
     total_subs = sum(expected_subs)
     out: dict[str, Any] = {}
@@ -462,7 +472,28 @@ async def measure(
 
         out["latency"] = await latency_phase(nodes, samples, pub, args)
         await asyncio.sleep(1.0)
-        out["throughput"] = await throughput_phase(nodes, pub, rproc, rport, args)
+        out["throughput"] = thr = await throughput_phase(nodes, pub, rproc, rport, args)
+        if rproc is not None:
+            await asyncio.sleep(1.0)
+            out["redis_burst"] = burst = await burst_phase(
+                pub, burst_subs, RedisMeter(rproc, rport), args
+            )
+            # Net of what an idle Redis costs over as long as the phase kept it busy.
+            net = (
+                thr["redis_cpu_seconds_info"]
+                - burst["idle_cpu_per_s_info"] * thr["redis_busy_seconds"]
+            )
+            thr["redis_cpu_seconds_net_of_idle_info"] = round(net, 4)
+            thr["redis_cpu_s_per_million_deliveries_net_of_idle_info"] = round(
+                net / (thr["deliveries"] / 1e6), 4
+            )
+            # Redis's work per message does not depend on how many subscribers a node
+            # holds (one push per node), so the burst's cost per message x messages per
+            # million deliveries is Redis's cost per million deliveries here.
+            per_msg = burst["cpu_us_per_message_net_info"] / 1e6
+            thr["redis_cpu_s_per_million_deliveries_from_burst"] = round(
+                per_msg * 1e6 / thr["subscribers"], 5
+            )
         # Every sample must have seen every message once: probes + latency + throughput.
         want = probes + args.latency_messages + args.messages
         counts = [c.msgs for c in samples]
@@ -478,7 +509,7 @@ async def measure(
             "closed_early": sum(c.closed.done() for c in samples),
         }
     finally:
-        for c in [pub, *samples]:
+        for c in [pub, *samples, *burst_subs]:
             if c.transport is not None:
                 c.transport.close()
     return out
@@ -551,13 +582,6 @@ async def throughput_phase(
 ) -> dict[str, Any]:
     m = args.messages
     meter = RedisMeter(rproc, rport) if rproc is not None else None
-    idle: tuple[float, float] | None = None
-    if meter is not None:
-        # What an idle Redis holding these subscriptions costs (serverCron, INFO itself).
-        a = meter.read()
-        await asyncio.sleep(IDLE)
-        b = meter.read()
-        idle = ((b[0] - a[0]) / IDLE, (b[1] - a[1]) / IDLE)
     say(f"throughput: {m:,} messages as fast as acked (window {WINDOW})")
     before = await stats_all(nodes)
     base = [st["messages_out"] for st in before]
@@ -603,7 +627,7 @@ async def throughput_phase(
         "deliveries_per_s": round(delivered / seconds),
         "node_cpu_seconds": [round(b - a, 2) for a, b in zip(node_cpu0, node_cpu1, strict=True)],
     }
-    if meter is not None and idle is not None:
+    if meter is not None:
         # Redis's share is over until every node had every message from it ("busy");
         # the whole phase (until the last delivery) is given too.
         done = redis_done.get("cpu", r1)
@@ -617,8 +641,6 @@ async def throughput_phase(
                 "redis_cpu_seconds_info": round(info_cpu, 4),
                 "redis_cpu_seconds_whole_phase": round(r1[0] - r0[0], 3),
                 "redis_cpu_seconds_whole_phase_info": round(r1[1] - r0[1], 4),
-                "redis_idle_cpu_per_s": round(idle[0], 5),
-                "redis_idle_cpu_per_s_info": round(idle[1], 5),
                 "redis_cpu_s_per_million_deliveries": round(proc_cpu / millions, 4),
                 "redis_cpu_s_per_million_deliveries_info": round(info_cpu / millions, 4),
                 "redis_cpu_us_per_message": round(proc_cpu / m * 1e6, 1),
@@ -654,6 +676,63 @@ async def throughput_phase(
     return res
 
 
+async def burst_phase(
+    pub: Client, subs: list[Client], meter: RedisMeter, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Redis's own CPU per message: a channel with one subscriber per node, as fast as acked.
+
+    The throughput phase lasts minutes because the fan-out is slow, so an idle Redis's
+    own cost (serverCron: ~2 ms/s here) outweighs its work there; here the same script
+    and the same pushes per message (one per node) run within a second or two.
+    """
+    k = args.burst_messages
+    say(f"redis burst: idle {args.idle:.0f} s, then {k:,} messages to {len(subs)} subscriber(s)")
+    a = meter.read()
+    await asyncio.sleep(args.idle)
+    b = meter.read()
+    idle = ((b[0] - a[0]) / args.idle, (b[1] - a[1]) / args.idle)
+    counts0 = [c.msgs for c in subs]
+    dups0 = [c.duplicates + c.gaps for c in subs]
+    r0 = meter.read()
+    started = time.time()
+    for i in range(k):
+        await pub.publish({"b": i}, BURST_CHANNEL)
+    await pub.drained()
+    published = time.time() - started
+    deadline = time.monotonic() + STALL
+    while time.monotonic() < deadline:
+        if all(c.msgs - c0 >= k for c, c0 in zip(subs, counts0, strict=True)):
+            break
+        await asyncio.sleep(0.01)
+    r1 = meter.read()
+    seconds = time.time() - started
+    cpu = (r1[0] - r0[0], r1[1] - r0[1])
+    net = (cpu[0] - idle[0] * seconds, cpu[1] - idle[1] * seconds)
+    res = {
+        "messages": k,
+        "subscribers": len(subs),
+        "received_per_subscriber": [c.msgs - c0 for c, c0 in zip(subs, counts0, strict=True)],
+        "duplicates_or_gaps": sum(c.duplicates + c.gaps for c in subs) - sum(dups0),
+        "seconds": round(seconds, 3),
+        "publish_seconds": round(published, 3),
+        "messages_per_s": round(k / seconds),
+        "idle_seconds": args.idle,
+        "idle_cpu_per_s": round(idle[0], 5),
+        "idle_cpu_per_s_info": round(idle[1], 5),
+        "cpu_seconds": round(cpu[0], 3),
+        "cpu_seconds_info": round(cpu[1], 4),
+        "cpu_us_per_message": round(cpu[0] / k * 1e6, 1),
+        "cpu_us_per_message_info": round(cpu[1] / k * 1e6, 1),
+        "cpu_us_per_message_net_info": round(net[1] / k * 1e6, 1),
+    }
+    say(
+        f"redis burst: {k:,} messages in {seconds:.2f} s ({res['messages_per_s']:,}/s), "
+        f"Redis CPU {cpu[1]:.4f} s = {res['cpu_us_per_message_info']} us per message "
+        f"({res['cpu_us_per_message_net_info']} us net of idle {idle[1] * 1000:.2f} ms/s)"
+    )
+    return res
+
+
 SETUPS = {
     "A": ("A: 1 node, local broker", 1, "local"),
     "B": ("B: 1 node, Redis broker", 1, "redis"),
@@ -662,27 +741,31 @@ SETUPS = {
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """The summary in Markdown; Redis CPU as /proc/PID/stat (INFO cpu in brackets)."""
+    """The summary in Markdown.
+
+    Redis CPU per 1M deliveries, two ways: over the whole throughput phase
+    (/proc/PID/stat; mostly an idle Redis's own cost, the phase lasts minutes), and
+    from the burst (INFO cpu, net of idle) x messages per million deliveries.
+    """
     out = [
-        "| setup | latency p50 | latency p99 | deliveries/s | Redis CPU s per 1M deliveries "
-        "| Redis CPU per message | all delivered once |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| setup | latency p50 | latency p99 | deliveries/s "
+        "| Redis CPU s / 1M deliveries, throughput phase | same, from the burst (net of idle) "
+        "| Redis CPU per message: phase / burst (net) | all delivered once |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         lat, thr = r["latency"], r["throughput"]
-        per_m = per_msg = "-"
-        if "redis_cpu_s_per_million_deliveries" in thr:
-            per_m = (
-                f"{thr['redis_cpu_s_per_million_deliveries']:.3f} s "
-                f"({thr['redis_cpu_s_per_million_deliveries_info']:.3f} s)"
-            )
+        phase = burst = per_msg = "-"
+        if "redis_burst" in r:
+            phase = f"{thr['redis_cpu_s_per_million_deliveries']:.4f} s"
+            burst = f"{thr['redis_cpu_s_per_million_deliveries_from_burst']:.5f} s"
             per_msg = (
-                f"{thr['redis_cpu_us_per_message']:.0f} us "
-                f"({thr['redis_cpu_us_per_message_info']:.0f} us)"
+                f"{thr['redis_cpu_us_per_message']:.0f} us / "
+                f"{r['redis_burst']['cpu_us_per_message_net_info']:.1f} us"
             )
         out.append(
             f"| {r['setup']} | {lat['p50_ms']} ms | {lat['p99_ms']} ms "
-            f"| {thr['deliveries_per_s']:,} | {per_m} | {per_msg} "
+            f"| {thr['deliveries_per_s']:,} | {phase} | {burst} | {per_msg} "
             f"| {'yes' if r['exactly_once'] else 'NO'} |"
         )
     return "\n".join(out)
@@ -698,6 +781,14 @@ def exactly_once(r: dict[str, Any]) -> bool:
         and chk["gaps"] == 0
         and chk["messages_each_min"] == chk["messages_each_max"] == chk["messages_each_expected"]
         and all(b["received_from_redis"] == thr["messages"] for b in thr.get("broker", []))
+        and (
+            "redis_burst" not in r
+            or (
+                r["redis_burst"]["duplicates_or_gaps"] == 0
+                and set(r["redis_burst"]["received_per_subscriber"])
+                == {r["redis_burst"]["messages"]}
+            )
+        )
     )
 
 
@@ -708,6 +799,8 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=100, help="subscribers timed by the bench")
     p.add_argument("--latency-messages", type=int, default=30)
     p.add_argument("--latency-rate", type=float, default=1.0, help="messages per second")
+    p.add_argument("--burst-messages", type=int, default=10_000, help="Redis CPU per message")
+    p.add_argument("--idle", type=float, default=10.0, help="seconds of idle Redis measured")
     p.add_argument("--workers", type=int, default=2, help="in total, split over the nodes")
     p.add_argument("--rate", type=int, default=10_000, help="load generator connects/s")
     p.add_argument("--setups", default="ABC", help="which of A, B, C to run")
@@ -717,6 +810,7 @@ def main() -> int:
     if args.quick:
         args.connections, args.messages, args.samples = 1_000, 200, 20
         args.latency_messages, args.latency_rate = 20, 10.0
+        args.burst_messages, args.idle = 1_000, 2.0
     if args.samples >= args.connections // 2:
         p.error("--samples must be well under half of --connections")
     name = args.name or ("scaleout-quick" if args.quick else "scaleout")
@@ -737,6 +831,7 @@ def main() -> int:
         "latency_rate": args.latency_rate,
         "workers_total": args.workers,
         "window": WINDOW,
+        "burst_messages": args.burst_messages,
         "seconds": round(time.time() - started, 1),
         "setups": rows,
     }

@@ -170,8 +170,6 @@ class RedisBroker(LocalBroker):
             raise ConnectionError(f"redis broker: cannot subscribe on {url}: {exc}") from None
 
     async def close(self) -> None:
-        if self.reconnecting is not None:
-            self.reconnecting.cancel()
         for shard in self.shards.values():
             await shard.close()
         await super().close()
