@@ -60,6 +60,7 @@ import redis
 import uvloop
 
 from _common import Server, machine, save, server
+from manydoors.launch import stop
 
 CHANNEL = "scale"
 BURST_CHANNEL = "scale-burst"  # one subscriber per node: Redis's own cost per message
@@ -106,24 +107,13 @@ def redis_server() -> Iterator[tuple[subprocess.Popen[bytes], int]]:
             if proc.poll() is None and time.monotonic() < deadline:
                 yield proc, port
                 return
-            _stop(proc)  # the port was taken meanwhile, or Redis hung: try another port
+            stop(proc, 10)  # the port was taken meanwhile, or Redis hung: try another port
             proc = None
         raise RuntimeError(f"redis-server did not start; see {workdir}/redis.log")
     finally:
         if proc is not None:
-            _stop(proc)
+            stop(proc, 10)
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    """SIGTERM this pid, SIGKILL it if it outlives ``timeout``."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    proc.wait()
 
 
 def cpu_seconds(pid: int) -> float:

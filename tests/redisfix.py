@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -25,6 +24,8 @@ from types import TracebackType
 
 import pytest
 import redis
+
+from manydoors.launch import stop
 
 READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -199,15 +200,8 @@ class RedisServer:
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it has not exited within 5 s; wait for it either way."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        proc.wait()
+        if proc is not None:
+            stop(proc, STOP_TIMEOUT)
 
     def kill(self) -> None:
         """SIGKILL right away: Redis crashes with no chance to say goodbye to clients."""
