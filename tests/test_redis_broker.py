@@ -290,3 +290,14 @@ def test_sharded_pubsub_on_a_redis_cluster(serve, clients, redis_cluster: RedisC
         with redis.Redis(port=port) as r:
             counts.append(int(r.execute_command("PUBSUB", "SHARDNUMSUB", "md:c{veg}")[1]))
     assert sorted(counts) == [0, 0, 2]
+
+
+def test_publishing_goes_on_when_redis_forgets_the_publish_script(nodes, clients, redis_server):
+    (node,) = nodes(1)
+    sub = joined(connect(clients, node), channel="veg")
+    assert node.publish(channel="veg", data=1)["seq"] == 1
+    with redis_server.client() as r:
+        r.script_flush()
+    assert node.publish(channel="veg", data=2)["seq"] == 2  # NOSCRIPT: loaded and sent again
+    assert [e["seq"] for e in data_until(sub, 2)] == [1, 2]
+    assert broker(node)["status"] == "ok" and broker(node)["reconnects"] == 0

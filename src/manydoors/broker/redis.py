@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
 import secrets
 import time
@@ -37,18 +38,20 @@ import redis.asyncio as aioredis
 from msgspec import Raw
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import NoScriptError
 
 from ..protocol.messages import broadcast_line, dm_line, msg_line
 from ..server.link import Link
 from .base import PresenceResult
 from .history import missed
 from .local import PRESENCE_TIMEOUT, LocalBroker, _Gather, answer_recover
-from .pubsub import Shard
+from .pubsub import RawPipeline, Shard, pack
 
 SEQ_TTL: Final = 30 * 86400  # a channel's seq outlives its history by far (see docs)
 BACKOFF: Final = (0.1, 5.0)  # first and longest wait between reconnection attempts
 CATCH_UP: Final = 2.0  # seconds a recovery waits for pub/sub to reach Redis's history
 BROADCAST: Final = "md:b{all}"
+BATCH: Final = 1000  # publishes per pipeline round trip
 
 # KEYS: seq, history. ARGV: topic, line prefix, line suffix, size, ttl, seq ttl, push tag.
 _PUBLISH: Final = """
@@ -161,6 +164,11 @@ class RedisBroker(LocalBroker):
             await self.redis.initialize()
         else:
             self.redis = aioredis.Redis.from_url(self.url, **opts)
+        self.script = _PUBLISH % ("spublish" if self.cluster else "publish")
+        self.sha = hashlib.sha1(self.script.encode()).hexdigest()
+        self.pipeline = RawPipeline(
+            aioredis.ConnectionPool.from_url(self.url, **opts).make_connection
+        )
         self.spawn(self._publisher())
         self.spawn(self._initializer())
         try:
@@ -204,8 +212,9 @@ class RedisBroker(LocalBroker):
         """
         if self.cluster:
             await self.redis.initialize()
-        else:  # pooled command connections from before an outage are dead
+        else:  # command connections from before an outage are dead
             await self.redis.connection_pool.disconnect()
+            await self.pipeline.reset()
         shards = self._make_shards()
         try:
             for shard in shards.values():
@@ -444,44 +453,62 @@ class RedisBroker(LocalBroker):
         self.outbox_ready.set()
 
     async def _publisher(self) -> None:
-        """Send queued publishes in order, as one pipeline per batch."""
-        script = _PUBLISH % ("spublish" if self.cluster else "publish")
+        """Send queued publishes in order, pipelined: one round trip per batch."""
         while True:
             await self.outbox_ready.wait()
             self.outbox_ready.clear()
-            batch = list(self.outbox)
-            self.outbox.clear()
+            batch = [self.outbox.popleft() for _ in range(min(len(self.outbox), BATCH))]
+            if self.outbox:
+                self.outbox_ready.set()
             if self.degraded:
                 self._deliver_locally(batch)
                 continue
-            pipe = self.redis.pipeline(transaction=False)
-            for kind, key, line, _ in batch:
-                if kind == "u":
-                    topic = user_topic(key)
-                    (pipe.spublish if self.cluster else pipe.publish)(topic, line)
-                    continue
-                prefix, suffix = _split_at_seq(line)
-                t = tag(key) if kind == "c" else "{all}"
-                size = self.history.size if kind == "c" else 0
-                keys = (f"md:{kind}{t}:s", f"md:{kind}{t}:h")
-                head = b"m" if kind == "c" else b"b"
-                ttl = int(self.history.ttl) or 1
-                pipe.eval(
-                    script, 2, *keys, f"md:{kind}{t}", prefix, suffix, size, ttl, SEQ_TTL, head
-                )
             try:
-                results = await pipe.execute()
+                results = await self._execute([self._command(*item[:3]) for item in batch])
             except Exception as exc:
                 self._lost_command(exc)
                 self._deliver_locally(batch)
                 continue
             self.sent += len(batch)
             for (kind, _, _, fut), result in zip(batch, results, strict=True):
-                if fut is not None and not fut.done():
-                    if kind == "u":
-                        fut.set_result({"nodes": int(result)})
-                    else:
-                        fut.set_result({"seq": int(result[0]), "nodes": int(result[1])})
+                if fut is None or fut.done():
+                    continue
+                if isinstance(result, Exception):
+                    fut.set_exception(result)
+                elif kind == "u":
+                    fut.set_result({"nodes": int(result)})
+                else:
+                    fut.set_result({"seq": int(result[0]), "nodes": int(result[1])})
+
+    def _command(self, kind: str, key: str, line: bytes) -> tuple[Any, ...]:
+        """The Redis command that publishes one queued message."""
+        if kind == "u":
+            return ("SPUBLISH" if self.cluster else "PUBLISH", user_topic(key), line)
+        prefix, suffix = _split_at_seq(line)
+        t = tag(key) if kind == "c" else "{all}"
+        size = self.history.size if kind == "c" else 0
+        ttl = int(self.history.ttl) or 1
+        topic, head = f"md:{kind}{t}", b"m" if kind == "c" else b"b"
+        args = (2, f"{topic}:s", f"{topic}:h", topic, prefix, suffix, size, ttl, SEQ_TTL, head)
+        # A cluster pipeline refuses EVALSHA; Redis caches EVAL's script by its SHA1.
+        return ("EVAL", self.script, *args) if self.cluster else ("EVALSHA", self.sha, *args)
+
+    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        if self.cluster:
+            pipe = self.redis.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            return list(await pipe.execute(raise_on_error=False))
+        packed = [pack(*command) for command in commands]
+        results = await self.pipeline.execute(packed)
+        if any(isinstance(r, NoScriptError) for r in results):
+            # Redis restarted and forgot the script: load it, send again what failed.
+            await self.pipeline.execute([pack("SCRIPT", "LOAD", self.script)])
+            again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            retried = await self.pipeline.execute([packed[i] for i in again])
+            for i, result in zip(again, retried, strict=True):
+                results[i] = result
+        return results
 
     def _deliver_locally(
         self, batch: list[tuple[str, str, bytes, asyncio.Future[Any] | None]]
