@@ -37,15 +37,13 @@ import msgspec
 import redis.asyncio as aioredis
 from msgspec import Raw
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import NoScriptError
 
 from ..protocol.messages import broadcast_line, dm_line, msg_line
 from ..server.link import Link
 from .base import PresenceResult
 from .history import missed
 from .local import PRESENCE_TIMEOUT, LocalBroker, _Gather, answer_recover
-from .pubsub import RawPipeline, Shard, pack
+from .pubsub import RawPipeline, RespConnection, Shard, pack
 
 SEQ_TTL: Final = 30 * 86400  # a channel's seq outlives its history by far (see docs)
 BACKOFF: Final = (0.1, 5.0)  # first and longest wait between reconnection attempts
@@ -166,9 +164,7 @@ class RedisBroker(LocalBroker):
             self.redis = aioredis.Redis.from_url(self.url, **opts)
         self.script = _PUBLISH % ("spublish" if self.cluster else "publish")
         self.sha = hashlib.sha1(self.script.encode()).hexdigest()
-        self.pipeline = RawPipeline(
-            aioredis.ConnectionPool.from_url(self.url, **opts).make_connection
-        )
+        self.pipeline = RawPipeline(self.url)
         self.spawn(self._publisher())
         self.spawn(self._initializer())
         try:
@@ -185,19 +181,16 @@ class RedisBroker(LocalBroker):
             await self.redis.aclose()
 
     def _make_shards(self) -> dict[str, Shard]:
-        # A subscriber waits for pushes as long as it takes: no read timeout, keepalive on.
-        quiet = {"socket_timeout": None, "socket_keepalive": True}
         if not self.cluster:
-            pool = aioredis.ConnectionPool.from_url(self.url, socket_connect_timeout=2, **quiet)
-            return {"redis": Shard("redis", pool.make_connection, self._on_push, self._lost)}
+            conn = RespConnection.from_url(self.url)
+            return {"redis": Shard("redis", conn, self._on_push, self._lost)}
         shards = {}
+        tls = self.url.startswith("rediss://")
         for node in self.redis.get_primaries():
-
-            def connect(n: Any = node) -> AbstractConnection:
-                kwargs = {**n.connection_kwargs, **quiet}
-                return n.connection_class(**kwargs)  # type: ignore[no-any-return]
-
-            shards[node.name] = Shard(node.name, connect, self._on_push, self._lost, sharded=True)
+            kw = node.connection_kwargs
+            params = {k: kw.get(k) for k in ("host", "port", "username", "password")}
+            conn = RespConnection({**params, "tls": tls})
+            shards[node.name] = Shard(node.name, conn, self._on_push, self._lost, sharded=True)
         return shards
 
     def _shard(self, topic: bytes) -> Shard | None:
@@ -464,7 +457,7 @@ class RedisBroker(LocalBroker):
                 self._deliver_locally(batch)
                 continue
             try:
-                results = await self._execute([self._command(*item[:3]) for item in batch])
+                results = await self._execute(batch)
             except Exception as exc:
                 self._lost_command(exc)
                 self._deliver_locally(batch)
@@ -480,31 +473,45 @@ class RedisBroker(LocalBroker):
                 else:
                     fut.set_result({"seq": int(result[0]), "nodes": int(result[1])})
 
-    def _command(self, kind: str, key: str, line: bytes) -> tuple[Any, ...]:
-        """The Redis command that publishes one queued message."""
+    def _args(self, kind: str, key: str, line: bytes) -> tuple[bytes, ...]:
+        """What varies between publishes: topic (and keys), and the line around its seq."""
         if kind == "u":
-            return ("SPUBLISH" if self.cluster else "PUBLISH", user_topic(key), line)
-        prefix, suffix = _split_at_seq(line)
-        t = tag(key) if kind == "c" else "{all}"
-        size = self.history.size if kind == "c" else 0
-        ttl = int(self.history.ttl) or 1
-        topic, head = f"md:{kind}{t}", b"m" if kind == "c" else b"b"
-        args = (2, f"{topic}:s", f"{topic}:h", topic, prefix, suffix, size, ttl, SEQ_TTL, head)
-        # A cluster pipeline refuses EVALSHA; Redis caches EVAL's script by its SHA1.
-        return ("EVAL", self.script, *args) if self.cluster else ("EVALSHA", self.sha, *args)
+            return (user_topic(key).encode(), line)
+        topic = f"md:c{tag(key)}".encode() if kind == "c" else BROADCAST.encode()
+        return (topic + b":s", topic + b":h", topic, *_split_at_seq(line))
 
-    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    def _fixed(self, kind: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """What every publish of a kind repeats, before and after ``_args``."""
+        if kind == "u":
+            return ("SPUBLISH" if self.cluster else "PUBLISH",), ()
+        size = self.history.size if kind == "c" else 0
+        tail = (size, int(self.history.ttl) or 1, SEQ_TTL, b"m" if kind == "c" else b"b")
+        # A cluster pipeline refuses EVALSHA; Redis caches EVAL's script by its SHA1.
+        head = ("EVAL", self.script, 2) if self.cluster else ("EVALSHA", self.sha, 2)
+        return head, tail
+
+    async def _execute(self, batch: list[tuple[str, str, bytes, Any]]) -> list[Any]:
+        fixed = {kind: self._fixed(kind) for kind in ("c", "u", "b")}
         if self.cluster:
             pipe = self.redis.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)
+            for kind, key, line, _ in batch:
+                head, tail = fixed[kind]
+                pipe.execute_command(*head, *self._args(kind, key, line), *tail)
             return list(await pipe.execute(raise_on_error=False))
-        packed = [pack(*command) for command in commands]
+        # RESP by hand: the fixed parts are packed once per batch, not per message.
+        resp: dict[str, tuple[bytes, bytes]] = {}
+        for kind, (head, tail) in fixed.items():
+            count = len(head) + (2 if kind == "u" else 5) + len(tail)  # 5: see _args
+            resp[kind] = (_bulks(head, count), _bulks(tail))
+        packed = []
+        for kind, key, line, _ in batch:
+            before, after = resp[kind]
+            packed.append(before + _bulks(self._args(kind, key, line)) + after)
         results = await self.pipeline.execute(packed)
-        if any(isinstance(r, NoScriptError) for r in results):
+        again = [i for i, r in enumerate(results) if _no_script(r)]
+        if again:
             # Redis restarted and forgot the script: load it, send again what failed.
             await self.pipeline.execute([pack("SCRIPT", "LOAD", self.script)])
-            again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
             retried = await self.pipeline.execute([packed[i] for i in again])
             for i, result in zip(again, retried, strict=True):
                 results[i] = result
@@ -626,6 +633,19 @@ class RedisBroker(LocalBroker):
             }
         )
         return out
+
+
+def _bulks(args: tuple[Any, ...], count: int = 0) -> bytes:
+    """RESP bulk strings of ``args``, after a ``*count`` array header when count is given."""
+    out = [b"*%d\r\n" % count] if count else []
+    for arg in args:
+        raw = arg if isinstance(arg, bytes) else str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(out)
+
+
+def _no_script(reply: Any) -> bool:
+    return isinstance(reply, Exception) and str(reply).startswith("NOSCRIPT")
 
 
 def _split_at_seq(line: bytes) -> tuple[bytes, bytes]:
