@@ -212,6 +212,8 @@ class RedisBroker(LocalBroker):
         try:
             for shard in shards.values():
                 await shard.open()
+            if any(shard.lost for shard in shards.values()):  # one died while others opened
+                raise ConnectionError("a subscriber connection closed while connecting")
         except BaseException:
             for shard in shards.values():
                 await shard.close()
