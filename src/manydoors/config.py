@@ -18,6 +18,7 @@ class ConfigError(ValueError):
 
 
 PROTOCOLS: Final = ("tcp", "websocket")
+SLOW_POLICIES: Final = ("disconnect", "drop")
 BROKERS: Final = ("local", "redis")
 REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 
@@ -54,6 +55,9 @@ class ServiceConfig:
     max_message_bytes: int = 64 * 1024
     max_outbound_bytes: int = 1024 * 1024
     max_bad_messages: int = 10  # consecutive bad lines before the connection is closed
+    # A reader whose queued bytes pass max_outbound_bytes is closed ("disconnect"), or
+    # keeps its connection while new messages for it are dropped and counted ("drop").
+    slow_policy: str = "disconnect"
 
     def __post_init__(self) -> None:
         _check_types(self, f"service {self.name}")
@@ -74,6 +78,11 @@ class ServiceConfig:
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"service {self.name}: {key} must be at least 1")
+        if self.slow_policy not in SLOW_POLICIES:
+            raise ConfigError(
+                f"service {self.name}: slow_policy {self.slow_policy!r} is not one of "
+                f"{SLOW_POLICIES}"
+            )
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"service {self.name}: workers must be 'auto' or at least 1")
 
@@ -177,7 +186,7 @@ SERVICE_OPTIONS: Final = (
         "MANYDOORS_MAX_OUTBOUND_BYTES",
         "--max-outbound-bytes",
         int,
-        "bytes queued to a slow reader before new messages to it are dropped",
+        "bytes queued to a reader before slow_policy applies",
     ),
     Option(
         "max_bad_messages",
@@ -185,6 +194,13 @@ SERVICE_OPTIONS: Final = (
         "--max-bad-messages",
         int,
         "consecutive bad lines before a client is closed",
+    ),
+    Option(
+        "slow_policy",
+        "MANYDOORS_SLOW_POLICY",
+        "--slow-policy",
+        str,
+        "a reader over max_outbound_bytes: 'disconnect' (default) or 'drop' its messages",
     ),
 )
 GLOBAL_OPTIONS: Final = (

@@ -62,7 +62,7 @@ class Connection(asyncio.Protocol):
     user: str | None
     channels: str | tuple[str, ...]
     strikes: int  # consecutive bad messages
-    slow: bool  # write buffer over the cap: new messages are dropped
+    slow: bool  # write buffer over the cap: new messages are dropped (or it is closed)
 
     def _init_state(self) -> None:
         self.transport = None
@@ -77,6 +77,9 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.slow = True
+        if self.worker.slow_disconnect:
+            # Called from inside a write (often mid fan-out): close after it returns.
+            asyncio.get_running_loop().call_soon(self.worker.close_slow, self)
 
     def resume_writing(self) -> None:
         self.slow = False

@@ -55,6 +55,7 @@ from .stats import COL, CONNECTIONS, StatsTable
 GC_THRESHOLDS: Final = (50_000, 20, 100)
 HEADROOM: Final = 8  # fds kept free for refusals and the odd file
 DRAIN_BATCH: Final = 2000  # connections closed per loop iteration while draining
+SLOW_GRACE: Final = 2.0  # seconds a closed slow reader has to take its bye before an abort
 _encode_json: Final = msgspec.json.Encoder().encode
 _decode_presence: Final = msgspec.json.Decoder(PresenceResult).decode
 
@@ -81,6 +82,7 @@ class Worker:
         self.max_message_bytes = svc.max_message_bytes
         self.max_bad_messages = svc.max_bad_messages
         self.max_outbound_bytes = svc.max_outbound_bytes
+        self.slow_disconnect = svc.slow_policy == "disconnect"
         self.max_connections = svc.max_connections
         self.websocket = svc.protocol == "websocket"
         self.conn_class: type[Connection] = WsConnection if self.websocket else TcpConnection
@@ -165,6 +167,19 @@ class Worker:
         self.mv[self.i_closed[reason]] += 1
         transport.write(self.goodbye(reason))
         transport.close()
+
+    def close_slow(self, conn: Connection) -> None:
+        """Give up on a reader over its outbound cap: ``bye slow``, then let go of it.
+
+        The bye joins the queue it is not reading, so it reaches the client only if it
+        ever reads again: after SLOW_GRACE the connection is aborted, which frees the
+        queued bytes at once (close() alone would hold them until they are written).
+        """
+        transport = conn.transport
+        if transport is None or not conn.slow:
+            return
+        self.close(conn, "slow")
+        asyncio.get_running_loop().call_later(SLOW_GRACE, transport.abort)
 
     def goodbye(self, reason: str) -> bytes:
         """``bye`` with a reason; on WebSocket also the close frame (1001 or 1008)."""
