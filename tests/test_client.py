@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -28,10 +28,6 @@ async def poll(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
 async def take(client: Client, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
     async with asyncio.timeout(timeout):
         return [await client.next() for _ in range(n)]
-
-
-def run(coro: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(coro())  # type: ignore[arg-type]
 
 
 def test_subscribe_publish_receive(serve):
@@ -60,7 +56,7 @@ def test_subscribe_publish_receive(serve):
             assert (await alice.next())["data"] == "from anon"
             assert anon._events.empty()
 
-    run(main)
+    asyncio.run(main())
 
 
 def test_send_dm_and_presence(serve):
@@ -84,7 +80,7 @@ def test_send_dm_and_presence(serve):
             assert answer["anonymous"] == 1
             assert "partial" not in answer
 
-    run(main)
+    asyncio.run(main())
 
 
 def test_error_raises_client_error_and_connection_stays_usable(serve):
@@ -102,7 +98,7 @@ def test_error_raises_client_error_and_connection_stays_usable(serve):
             assert (await c.next())["data"] == 1
             assert c.connected and c.reconnects == 0
 
-    run(main)
+    asyncio.run(main())
 
 
 def test_messages_survive_a_worker_crash_exactly_once_in_order(serve):
@@ -133,7 +129,7 @@ def test_messages_survive_a_worker_crash_exactly_once_in_order(serve):
             assert (await c.next())["data"] == "end"
             assert c._events.empty()
 
-    run(main)
+    asyncio.run(main())
 
 
 def test_gap_event_when_history_does_not_cover_the_outage(serve):
@@ -155,7 +151,7 @@ def test_gap_event_when_history_does_not_cover_the_outage(serve):
             after = await c.next()
             assert (after["seq"], after["data"]) == (7, "after")
 
-    run(main)
+    asyncio.run(main())
 
 
 def test_close_stops_reconnecting():
@@ -187,4 +183,4 @@ def test_close_stops_reconnecting():
         fake.close()
         await fake.wait_closed()
 
-    run(main)
+    asyncio.run(main())

@@ -163,6 +163,7 @@ def test_every_option_is_reachable_by_env_and_flag() -> None:
         "max_outbound_bytes": ("4096", 4096),
         "max_bad_messages": ("3", 3),
         "slow_policy": ("drop", "drop"),
+        "max_subscriptions": ("5", 5),
         "api.host": ("10.2.2.2", "10.2.2.2"),
         "api.port": ("7666", 7666),
         "drain_timeout": ("4.5", 4.5),

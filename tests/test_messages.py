@@ -380,6 +380,7 @@ def test_error_codes_are_the_documented_ones() -> None:
         "server_full",
         "bad_frame",  # WebSocket: a frame the service does not take (binary, protocol error)
         "bad_handshake",  # WebSocket: the HTTP upgrade was refused
+        "too_many_subscriptions",  # a sub beyond the service's max_subscriptions
     }
 
 

@@ -349,3 +349,18 @@ def test_connections_endpoint_and_top_show_live_connections(serve, clients):
     assert f"127.0.0.1:{local_port}" in out.stdout and "alice" in out.stdout
     for pid in server.worker_pids():
         assert str(pid) in out.stdout
+
+
+def test_a_connection_is_refused_subscriptions_beyond_max_subscriptions(serve, clients):
+    server = serve("--workers", "1", "--max-connections", "10", "--max-subscriptions", "2")
+    client = clients(server.port())
+    for i, channel in enumerate(("a", "b")):
+        assert client.call({"op": "sub", "channel": channel, "id": i}) == {"ev": "ok", "id": i}
+    refused = client.call({"op": "sub", "channel": "c", "id": 2})
+    assert (refused["ev"], refused["code"]) == ("error", "too_many_subscriptions")
+    assert client.call({"op": "sub", "channel": "a", "id": 3})["ev"] == "ok"  # already in it
+    client.call({"op": "unsub", "channel": "a", "id": 4})
+    assert client.call({"op": "sub", "channel": "c", "id": 5}) == {"ev": "ok", "id": 5}
+    assert server.stats()["errors"]["too_many_subscriptions"] == 1
+    server.publish(channel="c", data="in c")
+    assert client.recv()["data"] == "in c"

@@ -58,6 +58,7 @@ class ServiceConfig:
     # A reader whose queued bytes pass max_outbound_bytes is closed ("disconnect"), or
     # keeps its connection while new messages for it are dropped and counted ("drop").
     slow_policy: str = "disconnect"
+    max_subscriptions: int = 100  # channels one connection may be in at once
 
     def __post_init__(self) -> None:
         _check_types(self, f"service {self.name}")
@@ -75,6 +76,7 @@ class ServiceConfig:
             "max_message_bytes",
             "max_outbound_bytes",
             "max_bad_messages",
+            "max_subscriptions",
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"service {self.name}: {key} must be at least 1")
@@ -194,6 +196,13 @@ SERVICE_OPTIONS: Final = (
         "--max-bad-messages",
         int,
         "consecutive bad lines before a client is closed",
+    ),
+    Option(
+        "max_subscriptions",
+        "MANYDOORS_MAX_SUBSCRIPTIONS",
+        "--max-subscriptions",
+        int,
+        "channels one connection may be in at once",
     ),
     Option(
         "slow_policy",

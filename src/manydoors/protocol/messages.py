@@ -82,6 +82,7 @@ ERROR_CODES: Final = (
     "server_full",
     "bad_frame",
     "bad_handshake",
+    "too_many_subscriptions",
 )
 
 _op_decoder: Final[msgspec.json.Decoder[ClientOp]] = msgspec.json.Decoder(ClientOp)

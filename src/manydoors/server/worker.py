@@ -83,6 +83,7 @@ class Worker:
         self.max_bad_messages = svc.max_bad_messages
         self.max_outbound_bytes = svc.max_outbound_bytes
         self.slow_disconnect = svc.slow_policy == "disconnect"
+        self.max_subscriptions = svc.max_subscriptions
         self.max_connections = svc.max_connections
         self.websocket = svc.protocol == "websocket"
         self.conn_class: type[Connection] = WsConnection if self.websocket else TcpConnection
@@ -236,7 +237,13 @@ class Worker:
 
     def subscribe(self, conn: Connection, op: Sub) -> None:
         channel = op.channel
-        if op.since is not None and channel not in channels_of(conn):
+        held = channels_of(conn)
+        if channel not in held and len(held) >= self.max_subscriptions:
+            self.count_error("too_many_subscriptions")
+            reason = f"a connection may be in at most {self.max_subscriptions} channels"
+            conn.write(error_line("too_many_subscriptions", reason, op.id))
+            return
+        if op.since is not None and channel not in held:
             self.recover(conn, channel, op.since, op.id)
             return
         if self.hub.subscribe(conn, channel) and channel not in self.pending:
