@@ -21,7 +21,8 @@ channel's next messages.
 Calls are not retried: a call in flight when the connection drops, or made while
 the client is reconnecting, raises :class:`ConnectionError`. The exception is
 ``subscribe``, whose channel is remembered as soon as it is called, so it is
-subscribed again once the connection is back even if the call raised.
+subscribed again once the connection is back even if the call raised. A channel
+the server refuses on resubscribe (an ``error``) is dropped and logged.
 """
 
 from __future__ import annotations
@@ -251,7 +252,12 @@ class Client:
         since = self._subs.get(channel)
         if since is not None:
             op["since"] = since
-        await self._call(op, handshake=True)
+        try:
+            await self._call(op, handshake=True)
+        except ClientError as exc:
+            # e.g. too_many_subscriptions after a config change: retrying cannot help.
+            log.warning("resubscribe to %r refused: %s", channel, exc)
+            self._subs.pop(channel, None)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
