@@ -47,9 +47,12 @@ class Server:
     def port(self, service: str = "chat") -> int:
         return int(self.info["services"][service]["port"])
 
-    def http(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    def http(
+        self, method: str, path: str, body: Any = None, key: str | None = None
+    ) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.api + path, data=data, method=method)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        req = urllib.request.Request(self.api + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
                 raw = resp.read()

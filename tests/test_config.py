@@ -166,6 +166,8 @@ def test_every_option_is_reachable_by_env_and_flag() -> None:
         "max_subscriptions": ("5", 5),
         "api.host": ("10.2.2.2", "10.2.2.2"),
         "api.port": ("7666", 7666),
+        "auth.api_key": ("k" * 20, "k" * 20),
+        "auth.protect_stats": ("true", True),
         "drain_timeout": ("4.5", 4.5),
         "fd_limit": ("1000", 1000),
         "fd_reserve": ("32", 32),
@@ -178,8 +180,9 @@ def test_every_option_is_reachable_by_env_and_flag() -> None:
     assert {opt.key for opt in options} == set(values)
 
     def read(config: Config, key: str) -> object:
-        if key.startswith("api."):
-            return getattr(config.api, key[4:])
+        if "." in key:
+            table, name = key.split(".", 1)
+            return getattr(getattr(config, table), name)
         if key in ServiceConfig.__dataclass_fields__:
             return getattr(config.services[0], key)
         return getattr(config, key)
@@ -473,3 +476,15 @@ def test_broker_flag_takes_a_redis_url_and_implies_redis() -> None:
 def test_bad_broker_settings_say_which_key(toml: str, words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         load(toml + "\n")
+
+
+def test_auth_table_sets_the_api_key_and_rejects_a_short_one() -> None:
+    config = load('[auth]\napi_key = "0123456789abcdef"\nprotect_stats = true\n')
+    assert (config.auth.api_key, config.auth.protect_stats) == ("0123456789abcdef", True)
+    assert load().auth.api_key is None
+    with pytest.raises(ConfigError, match="at least 16"):
+        load('[auth]\napi_key = "short"\n')
+    with pytest.raises(ConfigError, match="unknown keys"):
+        load('[auth]\nmode = "token"\n')
+    with pytest.raises(ConfigError, match="true or false"):
+        load('[auth]\nprotect_stats = "maybe"\n')

@@ -364,3 +364,36 @@ def test_a_connection_is_refused_subscriptions_beyond_max_subscriptions(serve, c
     assert server.stats()["errors"]["too_many_subscriptions"] == 1
     server.publish(channel="c", data="in c")
     assert client.recv()["data"] == "in c"
+
+
+KEY = "test-key-0123456789"
+
+
+def test_with_an_api_key_publishing_needs_it_and_stats_stay_open(serve, clients):
+    server = serve("--workers", "1", "--max-connections", "10", env={"MANYDOORS_API_KEY": KEY})
+    client = clients(server.port())
+    assert client.call({"op": "sub", "channel": "veg", "id": 1})["ev"] == "ok"
+    body = {"channel": "veg", "data": "hi"}
+    for path, method, payload in (
+        ("/api/publish", "POST", body),
+        ("/api/presence?channel=veg", "GET", None),
+        ("/api/connections", "GET", None),
+    ):
+        for key in (None, "wrong-key-0123456789", KEY[:-1]):
+            status, answer = server.http(method, path, payload, key=key)
+            assert (status, answer["error"]) == (401, "unauthorized"), (path, key)
+        assert server.http(method, path, payload, key=KEY)[0] in (200, 202), path
+    assert client.recv()["data"] == "hi"  # exactly the one authorized publish
+    for path in ("/api/stats", "/metrics", "/healthz"):
+        assert server.http("GET", path)[0] == 200, path
+
+
+def test_protect_stats_guards_stats_and_metrics_but_not_health(serve):
+    server = serve(
+        "--workers", "1", "--max-connections", "10", "--protect-stats", "true",
+        env={"MANYDOORS_API_KEY": KEY},
+    )  # fmt: skip
+    for path in ("/api/stats", "/metrics"):
+        assert server.http("GET", path)[0] == 401, path
+        assert server.http("GET", path, key=KEY)[0] == 200, path
+    assert server.http("GET", "/healthz")[0] == 200

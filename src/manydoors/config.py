@@ -28,6 +28,8 @@ _TYPES: Final[dict[str, tuple[tuple[type, ...], str]]] = {
     "str": ((str,), "a string"),
     "int": ((int,), "an integer"),
     "int | None": ((int, type(None)), "an integer"),
+    "str | None": ((str, type(None)), "a string"),
+    "bool": ((bool,), "true or false"),
     "float": ((int, float), "a number"),
 }
 
@@ -37,7 +39,8 @@ def _check_types(obj: Any, where: str) -> None:
     for f in fields(obj):
         value = getattr(obj, f.name)
         want = _TYPES.get(str(f.type))
-        if want is not None and (isinstance(value, bool) or not isinstance(value, want[0])):
+        bad_bool = isinstance(value, bool) and bool not in want[0] if want else False
+        if want is not None and (bad_bool or not isinstance(value, want[0])):
             raise ConfigError(f"{where}: {f.name} must be {want[1]}, not {value!r}")
 
 
@@ -101,8 +104,31 @@ class ApiConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Who may use the HTTP API (client tokens come with issue 7's auth work)."""
+
+    # When set, publish, presence and connections need ``Authorization: Bearer <key>``.
+    api_key: str | None = None
+    protect_stats: bool = False  # also /api/stats, /api/stream, /metrics (not /healthz)
+
+    def __post_init__(self) -> None:
+        _check_types(self, "auth")
+        if self.api_key is not None and len(self.api_key) < 16:
+            raise ConfigError("auth: api_key must be at least 16 characters")
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
+        return value.lower() in ("1", "true", "yes")
+    raise ConfigError(f"expected true or false, not {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     services: tuple[ServiceConfig, ...] = (ServiceConfig(),)
     drain_timeout: float = 10.0
     # Lower the per-worker fd limit below the hard limit (sharing a box, testing).
@@ -216,6 +242,20 @@ GLOBAL_OPTIONS: Final = (
     Option("api.host", "MANYDOORS_API_HOST", "--api-host", str, "HTTP API address"),
     Option("api.port", "MANYDOORS_API_PORT", "--api-port", int, "HTTP API port"),
     Option(
+        "auth.api_key",
+        "MANYDOORS_API_KEY",
+        "--api-key",
+        str,
+        "bearer key the API asks for (prefer the env variable: flags show in ps)",
+    ),
+    Option(
+        "auth.protect_stats",
+        "MANYDOORS_PROTECT_STATS",
+        "--protect-stats",
+        _bool,
+        "stats and metrics need the API key too",
+    ),
+    Option(
         "drain_timeout",
         "MANYDOORS_DRAIN_TIMEOUT",
         "--drain-timeout",
@@ -261,6 +301,16 @@ GLOBAL_OPTIONS: Final = (
 )
 
 
+def _table(doc: dict[str, Any], name: str, cls: type) -> dict[str, Any]:
+    table = doc.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{name}]: expected a table, not {table!r}")
+    bad = set(table) - {f.name for f in fields(cls)}
+    if bad:
+        raise ConfigError(f"[{name}]: unknown keys {sorted(bad)}")
+    return dict(table)
+
+
 def _parse(opt: Option, value: Any, source: str) -> Any:
     try:
         return opt.parse(value)
@@ -284,7 +334,7 @@ def load(
             doc = tomllib.loads(toml_text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file: {exc}") from None
-    known_top = {"api", "service", *(f.name for f in fields(Config))} - {"services"}
+    known_top = {"service", *(f.name for f in fields(Config))} - {"services"}
     unknown = set(doc) - known_top
     if unknown:
         raise ConfigError(f"unknown config keys: {sorted(unknown)}")
@@ -305,14 +355,10 @@ def load(
             svc["workers"] = _workers(svc["workers"])
         services.append(svc)
 
-    top: dict[str, Any] = {k: v for k, v in doc.items() if k not in ("api", "service")}
-    api_table = doc.get("api", {})
-    if not isinstance(api_table, dict):
-        raise ConfigError(f"[api]: expected a table, not {api_table!r}")
-    bad = set(api_table) - {f.name for f in fields(ApiConfig)}
-    if bad:
-        raise ConfigError(f"[api]: unknown keys {sorted(bad)}")
-    api: dict[str, Any] = dict(api_table)
+    top: dict[str, Any] = {k: v for k, v in doc.items() if k not in ("api", "auth", "service")}
+    tables = {
+        name: _table(doc, name, cls) for name, cls in (("api", ApiConfig), ("auth", AuthConfig))
+    }
     overrides: dict[str, Any] = {}
     for opts in (SERVICE_OPTIONS, GLOBAL_OPTIONS):
         for opt in opts:
@@ -321,8 +367,9 @@ def load(
             if flags and flags.get(opt.key) is not None:
                 overrides[opt.key] = _parse(opt, flags[opt.key], opt.flag)
     for key, value in overrides.items():
-        if key.startswith("api."):
-            api[key[4:]] = value
+        if "." in key:
+            table, name = key.split(".", 1)
+            tables[table][name] = value
         elif key in service_keys:
             if len(services) != 1:
                 raise ConfigError(
@@ -337,7 +384,8 @@ def load(
         top["broker"], top["redis_url"] = "redis", broker  # --broker redis://host:port
     try:
         return Config(
-            api=ApiConfig(**api),
+            api=ApiConfig(**tables["api"]),
+            auth=AuthConfig(**tables["auth"]),
             services=tuple(ServiceConfig(**s) for s in services),
             **top,
         )

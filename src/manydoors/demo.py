@@ -4,12 +4,17 @@ Starts ``manydoors serve`` (chat on 127.0.0.1:7000, API on 127.0.0.1:7080), open
 connections with the load generator, publishes through the API, prints the stats, and
 shows how to talk to the server by hand. On a terminal it keeps the server up until
 Ctrl-C so you can try ``nc``; otherwise it stops it.
+
+The API is protected by a key made up for the run (``MANYDOORS_API_KEY``, which the
+server, the load generator and the demo's own requests all read), as in production.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import secrets
 import subprocess
 import sys
 import time
@@ -53,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     keep = sys.stdin.isatty() if args.keep is None else args.keep
     console = Console()
     try:
+        # Children (server, load generator) inherit the key; apiclient sends it.
+        os.environ.setdefault("MANYDOORS_API_KEY", secrets.token_urlsafe(24))
         with serving(ready_timeout=60, stop_timeout=15) as (server, info):
             return _show(console, args.connections, keep, server, info)
     except NotStarted:
@@ -101,12 +108,14 @@ def _show(console: Console, connections: int, keep: bool, server: Any, info: dic
     )
     load.wait()
     console.rule("talk to it yourself")
+    auth = f"Authorization: Bearer {os.environ['MANYDOORS_API_KEY']}"
     console.print(
         f"  nc 127.0.0.1 {port}\n"
         '  {"op":"hello","user":"alice","id":1}\n'
         '  {"op":"sub","channel":"demo","id":2}\n'
-        f'  curl -d \'{{"channel":"demo","data":"hi"}}\' {api}/api/publish\n'
-        f"  curl {api}/api/stats   curl {api}/metrics"
+        f'  curl -H "{auth}" -d \'{{"channel":"demo","data":"hi"}}\' {api}/api/publish\n'
+        f"  curl {api}/api/stats   curl {api}/metrics",
+        soft_wrap=True,
     )
     if keep:
         console.print("[bold]server running; Ctrl-C stops it")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import msgspec
 from aiohttp import web
@@ -234,8 +235,34 @@ async def _end_streams(app: web.Application) -> None:
         await asyncio.sleep(0.01)
 
 
+# What the API key guards: acting on clients and seeing who they are; stats only on request.
+_GUARDED: Final = frozenset({"/api/publish", "/api/presence", "/api/connections"})
+_STATS: Final = frozenset({"/api/stats", "/api/stream", "/metrics"})
+
+
+def _auth_middleware(key: str, protect_stats: bool) -> Any:
+    expected = f"Bearer {key}".encode()
+    guarded = _GUARDED | _STATS if protect_stats else _GUARDED
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path in guarded:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                resp = _error(401, "unauthorized", "send Authorization: Bearer <api key>")
+                resp.headers["WWW-Authenticate"] = "Bearer"
+                return resp
+        return cast(web.StreamResponse, await handler(request))
+
+    return check
+
+
 async def start_api(sup: Supervisor) -> web.AppRunner:
-    app = web.Application(client_max_size=MAX_BODY)
+    auth = sup.config.auth
+    middlewares = (
+        [] if auth.api_key is None else [_auth_middleware(auth.api_key, auth.protect_stats)]
+    )
+    app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
     app[_SUP] = sup
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(sup))
