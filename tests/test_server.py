@@ -397,3 +397,14 @@ def test_protect_stats_guards_stats_and_metrics_but_not_health(serve):
         assert server.http("GET", path)[0] == 401, path
         assert server.http("GET", path, key=KEY)[0] == 200, path
     assert server.http("GET", "/healthz")[0] == 200
+
+
+def test_deeply_nested_json_and_a_newline_in_a_name_are_answered_not_fatal(serve, clients):
+    server = serve("--workers", "1", "--max-connections", "10")
+    client = clients(server.port())
+    nested = b'{"op":"pub","channel":"a","x":' + b"[" * 3000 + b"]" * 3000 + b"}\n"
+    client.send(nested)
+    assert client.recv()["code"] == "bad_json"
+    bad_name = client.call({"op": "hello", "user": "ann\n", "id": 1})
+    assert (bad_name["ev"], bad_name["code"]) == ("error", "bad_field")
+    assert client.call({"op": "ping", "id": 2}) == {"ev": "pong", "id": 2}

@@ -14,7 +14,8 @@ from typing import Annotated, Final
 import msgspec
 from msgspec import Meta, Raw, Struct
 
-Name = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")]
+# \Z, not $: msgspec matches with re.search, where $ also matches before a final \n.
+Name = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+\Z")]
 OpId = int | str | None
 
 
@@ -99,7 +100,7 @@ def _salvage_id(line: bytes) -> OpId:
     """Best effort: the id of an op that failed validation, so the error can carry it."""
     try:
         return _id_decoder.decode(line).id
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
 
 
@@ -118,6 +119,8 @@ def decode_op(line: bytes) -> ClientOp:
         raise _classify(str(exc), line) from None
     except msgspec.DecodeError as exc:
         raise ProtocolError("bad_json", f"not valid JSON: {exc}") from None
+    except RecursionError:  # ~1,000 nested arrays fit in a 2 KB line
+        raise ProtocolError("bad_json", "JSON nested too deeply") from None
 
 
 def _classify(msg: str, line: bytes) -> ProtocolError:
