@@ -45,14 +45,12 @@ import json
 import math
 import os
 import resource
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -60,7 +58,9 @@ import redis
 import uvloop
 
 from _common import Server, machine, save, server
-from manydoors.launch import stop
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from redisfix import RedisServer
 
 CHANNEL = "scale"
 BURST_CHANNEL = "scale-burst"  # one subscriber per node: Redis's own cost per message
@@ -72,48 +72,6 @@ STALL = 60.0  # seconds without progress in messages_out before a phase gives up
 
 
 # --- Redis ------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def redis_server() -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """A private redis-server on a free 127.0.0.1 port, no persistence; always stopped."""
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    workdir = tempfile.mkdtemp(prefix="scaleout-redis-")
-    proc: subprocess.Popen[bytes] | None = None
-    try:
-        for _ in range(5):
-            port = _free_port()
-            cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                   "--appendonly", "no", "--dir", workdir, "--protected-mode", "no",
-                   "--loglevel", "warning"]  # fmt: skip
-            with open(os.path.join(workdir, "redis.log"), "ab") as log:
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-            client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
-            deadline = time.monotonic() + 10
-            try:
-                while proc.poll() is None and time.monotonic() < deadline:
-                    with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-                        if client.ping():
-                            break
-                    time.sleep(0.02)
-            finally:
-                client.close()
-            if proc.poll() is None and time.monotonic() < deadline:
-                yield proc, port
-                return
-            stop(proc, 10)  # the port was taken meanwhile, or Redis hung: try another port
-            proc = None
-        raise RuntimeError(f"redis-server did not start; see {workdir}/redis.log")
-    finally:
-        if proc is not None:
-            stop(proc, 10)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -313,12 +271,13 @@ def run_setup(name: str, nodes: int, broker: str, args: argparse.Namespace) -> d
     load_shares = [*shares[:-1], shares[-1] - s]  # the samples are on the last node
     say(f"setup {name}: {nodes} node(s), broker {broker}, subscribers {shares}, load {loadavg()}")
     with contextlib.ExitStack() as stack:
-        rproc: subprocess.Popen[bytes] | None = None
+        rproc: RedisServer | None = None
         rport = 0
         broker_flags = ["--broker", "local"]
         if broker == "redis":
-            rproc, rport = stack.enter_context(redis_server())
-            broker_flags = ["--broker", f"redis://127.0.0.1:{rport}"]
+            rproc = stack.enter_context(RedisServer())
+            rport = rproc.port
+            broker_flags = ["--broker", rproc.url]
         workers = max(1, args.workers // nodes)
         node_list: list[Node] = []
         for host, share, load_share in zip(hosts, shares, load_shares, strict=True):
@@ -418,7 +377,7 @@ def percentile(values: list[float], share: float) -> float:
 async def measure(
     nodes: list[Node],
     gens: list[subprocess.Popen[bytes]],
-    rproc: subprocess.Popen[bytes] | None,
+    rproc: RedisServer | None,
     rport: int,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
@@ -556,7 +515,7 @@ async def latency_phase(
 class RedisMeter:
     """Redis CPU: /proc/PID/stat (10 ms ticks) and INFO cpu (microseconds) together."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], port: int) -> None:
+    def __init__(self, proc: RedisServer, port: int) -> None:
         self.pid, self.port = proc.pid, port
 
     def read(self) -> tuple[float, float]:
@@ -566,7 +525,7 @@ class RedisMeter:
 async def throughput_phase(
     nodes: list[Node],
     pub: Client,
-    rproc: subprocess.Popen[bytes] | None,
+    rproc: RedisServer | None,
     rport: int,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
