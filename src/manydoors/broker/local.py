@@ -38,24 +38,37 @@ _decode_part: Final = msgspec.json.Decoder(tuple[dict[str, int], int]).decode
 _encode_json: Final = msgspec.json.Encoder().encode
 
 
-class _Gather:
-    """Presence answers of several workers (or nodes) for one question."""
+class Gather:
+    """Presence answers of several workers (or nodes) for one question.
 
-    __slots__ = ("done", "remaining", "result")
+    Answers may arrive before the number to expect is known (Redis tells it only when
+    the question's PUBLISH returns): ``expect`` then settles it.
+    """
 
-    def __init__(self, expected: int) -> None:
-        self.remaining = expected
+    __slots__ = ("done", "expected", "received", "result")
+
+    def __init__(self, expected: int | None = None) -> None:
+        self.expected = expected
+        self.received = 0
         self.result = PresenceResult({})
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def add(self, part: PresenceResult) -> None:
         self.result.merge(part)
-        self.remaining -= 1
-        if self.remaining <= 0 and not self.done.done():
+        self.received += 1
+        self._check()
+
+    def expect(self, expected: int) -> None:
+        self.expected = expected
+        self._check()
+
+    def _check(self) -> None:
+        complete = self.expected is not None and self.received >= self.expected
+        if complete and not self.done.done():
             self.done.set_result(None)
 
     async def wait(self, timeout: float) -> PresenceResult:
-        if self.remaining > 0:
+        if not self.done.done():
             try:
                 await asyncio.wait_for(asyncio.shield(self.done), timeout)
             except TimeoutError:
@@ -77,7 +90,7 @@ class LocalBroker(Broker):
         self.history = History(history_size, history_ttl)
         self.published = 0
         self.bad_frames = 0
-        self.gathers: dict[int, _Gather] = {}
+        self.gathers: dict[int, Gather] = {}
         self.tokens = itertools.count(1)
         self.tasks: set[asyncio.Task[Any]] = set()
 
@@ -266,7 +279,7 @@ class LocalBroker(Broker):
         if not links:
             return PresenceResult({})
         token = next(self.tokens)
-        gather = self.gathers[token] = _Gather(len(links))
+        gather = self.gathers[token] = Gather(len(links))
         try:
             for link in links:
                 link.send(Kind.PRESENCE_ASK, channel, TOKEN.pack(token))

@@ -28,13 +28,18 @@ CHUNK: Final = 1000  # topics per command, so a resubscription of a million stay
 READ: Final = 1 << 16
 
 
-def pack(*args: bytes | str | int) -> bytes:
-    """One command in RESP."""
-    out = [b"*%d\r\n" % len(args)]
+def bulks(args: tuple[Any, ...]) -> bytes:
+    """RESP bulk strings of ``args`` (bytes, str or int), without the array header."""
+    out = []
     for arg in args:
         raw = arg if isinstance(arg, bytes) else str(arg).encode()
         out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
     return b"".join(out)
+
+
+def pack(*args: bytes | str | int) -> bytes:
+    """One command in RESP."""
+    return b"*%d\r\n" % len(args) + bulks(args)
 
 
 class RespConnection:

@@ -42,8 +42,8 @@ from ..protocol.messages import broadcast_line, dm_line, msg_line
 from ..server.link import Link
 from .base import PresenceResult
 from .history import missed
-from .local import PRESENCE_TIMEOUT, LocalBroker, _Gather, answer_recover
-from .pubsub import RawPipeline, RespConnection, Shard, pack
+from .local import PRESENCE_TIMEOUT, Gather, LocalBroker, answer_recover
+from .pubsub import RawPipeline, RespConnection, Shard, bulks, pack
 
 SEQ_TTL: Final = 30 * 86400  # a channel's seq outlives its history by far (see docs)
 BACKOFF: Final = (0.1, 5.0)  # first and longest wait between reconnection attempts
@@ -135,7 +135,7 @@ class RedisBroker(LocalBroker):
         self.syncs: dict[Link, deque[int]] = {}
         self.inits: list[tuple[str, int]] = []  # channels whose seq is to be read
         self.inits_ready = asyncio.Event()
-        self.remote: dict[int, _Gather] = {}  # presence questions asked of other nodes
+        self.remote: dict[int, Gather] = {}  # presence questions asked of other nodes
         self.received = 0  # messages this node received from Redis
         self.sent = 0  # publishes this node sent to Redis
         self.local_only = 0  # publishes delivered only locally while degraded
@@ -501,14 +501,12 @@ class RedisBroker(LocalBroker):
                 pipe.execute_command(*head, *self._args(kind, key, line), *tail)
             return list(await pipe.execute(raise_on_error=False))
         # RESP by hand: the fixed parts are packed once per batch, not per message.
-        resp: dict[str, tuple[bytes, bytes]] = {}
-        for kind, (head, tail) in fixed.items():
-            count = len(head) + (2 if kind == "u" else 5) + len(tail)  # 5: see _args
-            resp[kind] = (_bulks(head, count), _bulks(tail))
+        resp = {k: (len(h) + len(t), bulks(h), bulks(t)) for k, (h, t) in fixed.items()}
         packed = []
         for kind, key, line, _ in batch:
-            before, after = resp[kind]
-            packed.append(before + _bulks(self._args(kind, key, line)) + after)
+            count, before, after = resp[kind]
+            args = self._args(kind, key, line)
+            packed.append(b"*%d\r\n" % (count + len(args)) + before + bulks(args) + after)
         results = await self.pipeline.execute(packed)
         again = [i for i, r in enumerate(results) if _no_script(r)]
         if again:
@@ -591,7 +589,7 @@ class RedisBroker(LocalBroker):
             result.partial = True
             return result
         token = next(self.tokens)
-        gather = self.remote[token] = _Gather(1 << 30)
+        gather = self.remote[token] = Gather()
         try:
             question = b"p%s %d" % (self.node.encode(), token)
             topic = channel_topic(channel)
@@ -599,9 +597,7 @@ class RedisBroker(LocalBroker):
                 nodes = await self.redis.spublish(topic, question)
             else:
                 nodes = await self.redis.publish(topic, question)
-            gather.remaining -= (1 << 30) - int(nodes)
-            if gather.remaining <= 0:
-                return gather.result
+            gather.expect(int(nodes))  # the nodes subscribed to the channel each answer
             return await gather.wait(PRESENCE_TIMEOUT)
         except Exception as exc:
             self._lost_command(exc)
@@ -635,15 +631,6 @@ class RedisBroker(LocalBroker):
             }
         )
         return out
-
-
-def _bulks(args: tuple[Any, ...], count: int = 0) -> bytes:
-    """RESP bulk strings of ``args``, after a ``*count`` array header when count is given."""
-    out = [b"*%d\r\n" % count] if count else []
-    for arg in args:
-        raw = arg if isinstance(arg, bytes) else str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
-    return b"".join(out)
 
 
 def _no_script(reply: Any) -> bool:
