@@ -63,6 +63,14 @@ class Server:
         ctype = "json" if raw[:1] in (b"{", b"[") else "text"
         return status, json.loads(raw) if ctype == "json" else raw.decode()
 
+    def target(self, connections: int, service: str = "chat") -> list[str]:
+        """The load generator's flags that aim ``connections`` at this server."""
+        return ["--target", f"127.0.0.1:{self.port(service)}", "--connections", str(connections)]
+
+    def broadcasts(self, count: int) -> list[str]:
+        """The load generator's flags that publish ``count`` timed broadcasts here."""
+        return ["--api", self.api, "--broadcasts", str(count)]
+
     def publish(self, **body: Any) -> dict[str, Any]:
         status, answer = self.http("POST", "/api/publish", body)
         assert status == 202, answer

@@ -11,18 +11,12 @@ from conftest import run_load
 def test_small_fd_limit_spreads_the_load_over_several_processes(serve, tmp_path):
     server = serve("--workers", "2", "--max-connections", "1000")
     code, err, report = run_load(
-        "--target",
-        f"127.0.0.1:{server.port()}",
-        "--connections",
-        "600",
+        *server.target(600),
         "--fd-limit",
         "150",
         "--subscribe",
         "veg",
-        "--api",
-        server.api,
-        "--broadcasts",
-        "2",
+        *server.broadcasts(2),
         "--plot",
         str(tmp_path / "run.png"),
         report=tmp_path / "r.json",
@@ -41,14 +35,8 @@ def test_small_fd_limit_spreads_the_load_over_several_processes(serve, tmp_path)
 def test_report_has_the_documented_schema(serve, tmp_path):
     server = serve("--workers", "1", "--max-connections", "100")
     code, err, report = run_load(
-        "--target",
-        f"127.0.0.1:{server.port()}",
-        "--connections",
-        "50",
-        "--api",
-        server.api,
-        "--broadcasts",
-        "1",
+        *server.target(50),
+        *server.broadcasts(1),
         report=tmp_path / "r.json",
     )
     assert code == 0, err
@@ -88,10 +76,7 @@ def test_tiny_source_port_plan_is_refused_then_forced_into_eaddrnotavail(serve, 
     server = serve("--workers", "1", "--max-connections", "100")
     lo = random.randrange(45000, 60000, 10)  # a fresh window: no TIME_WAIT from other runs
     args = (
-        "--target",
-        f"127.0.0.1:{server.port()}",
-        "--connections",
-        "30",
+        *server.target(30),
         "--source-ips",
         "127.0.3.7",
         "--source-ports",
@@ -110,10 +95,7 @@ def test_tiny_source_port_plan_is_refused_then_forced_into_eaddrnotavail(serve, 
 def test_full_server_is_counted_as_server_full(serve, tmp_path):
     server = serve("--workers", "1", "--max-connections", "20")
     code, _, report = run_load(
-        "--target",
-        f"127.0.0.1:{server.port()}",
-        "--connections",
-        "50",
+        *server.target(50),
         report=tmp_path / "r.json",
     )
     assert code == 1

@@ -8,20 +8,14 @@ from conftest import run_load, wait_for
 def test_25k_connections_held_subscribed_and_broadcast_to(serve, tmp_path):
     server = serve("--workers", "2", "--max-connections", "26000")
     code, err, report = run_load(
-        "--target",
-        f"127.0.0.1:{server.port()}",
-        "--connections",
-        "25000",
+        *server.target(25000),
         "--processes",
         "2",
         "--rate",
         "20000",
         "--subscribe",
         "veg",
-        "--api",
-        server.api,
-        "--broadcasts",
-        "2",
+        *server.broadcasts(2),
         report=tmp_path / "load.json",
     )
     assert code == 0, err

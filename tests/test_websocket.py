@@ -181,16 +181,10 @@ def test_load_generator_drives_a_websocket_service(serve, tmp_path):
     server = serve(config=WS_AND_TCP)
     code, err, data = run_load(
         "--ws",
-        "--target",
-        f"127.0.0.1:{server.port('web')}",
-        "--connections",
-        "300",
+        *server.target(300, "web"),
         "--subscribe",
         "veg",
-        "--api",
-        server.api,
-        "--broadcasts",
-        "2",
+        *server.broadcasts(2),
         report=tmp_path / "r.json",
     )
     assert code == 0, err
