@@ -164,8 +164,22 @@ def test_every_option_is_reachable_by_env_and_flag() -> None:
         "max_bad_messages": ("3", 3),
         "slow_policy": ("drop", "drop"),
         "max_subscriptions": ("5", 5),
+        "tls_cert": ("/etc/c.pem", "/etc/c.pem"),
+        "tls_key": ("/etc/k.pem", "/etc/k.pem"),
+        "max_messages_per_second": ("2.5", 2.5),
+        "max_bytes_per_second": ("70000", 70000),
+        "max_connections_per_ip": ("9", 9),
+        "max_connections_per_user": ("4", 4),
+        "limit_loopback": ("yes", True),
+        "hello_timeout": ("1.5", 1.5),
+        "read_timeout": ("0", 0.0),
+        "ping_interval": ("3", 3.0),
+        "ping_timeout": ("2", 2.0),
         "api.host": ("10.2.2.2", "10.2.2.2"),
         "api.port": ("7666", 7666),
+        "auth.mode": ("none", "none"),
+        "auth.secret": ("s" * 32, "s" * 32),
+        "auth.public_key": ("/etc/jwt.pem", "/etc/jwt.pem"),
         "auth.api_key": ("k" * 20, "k" * 20),
         "auth.protect_stats": ("true", True),
         "drain_timeout": ("4.5", 4.5),
@@ -187,12 +201,18 @@ def test_every_option_is_reachable_by_env_and_flag() -> None:
             return getattr(config.services[0], key)
         return getattr(config, key)
 
+    partner = {"tls_cert": "tls_key", "tls_key": "tls_cert"}  # valid only together
+    by_key = {opt.key: opt for opt in options}
     for opt in options:
         text, want = values[opt.key]
         assert opt.env.startswith("MANYDOORS_")
         assert opt.flag.startswith("--")
-        assert read(load(env={opt.env: text}), opt.key) == want, opt.env
-        assert read(load(flags={opt.key: text}), opt.key) == want, opt.flag
+        env, flags = {opt.env: text}, {opt.key: text}
+        if opt.key in partner:
+            other = by_key[partner[opt.key]]
+            env[other.env] = flags[other.key] = values[other.key][0]
+        assert read(load(env=env), opt.key) == want, opt.env
+        assert read(load(flags=flags), opt.key) == want, opt.flag
 
 
 def test_api_options_by_env_work_with_several_services() -> None:
@@ -485,6 +505,33 @@ def test_auth_table_sets_the_api_key_and_rejects_a_short_one() -> None:
     with pytest.raises(ConfigError, match="at least 16"):
         load('[auth]\napi_key = "short"\n')
     with pytest.raises(ConfigError, match="unknown keys"):
-        load('[auth]\nmode = "token"\n')
+        load('[auth]\nkey = "x"\n')
     with pytest.raises(ConfigError, match="true or false"):
         load('[auth]\nprotect_stats = "maybe"\n')
+
+
+def test_token_mode_needs_exactly_one_key_and_a_long_secret() -> None:
+    secret = "s" * 32
+    assert load(f'[auth]\nmode = "token"\nsecret = "{secret}"\n').auth.mode == "token"
+    assert load(env={"MANYDOORS_AUTH_MODE": "token", "MANYDOORS_AUTH_PUBLIC_KEY": "/k.pem"})
+    for bad, why in (
+        ('mode = "token"', "needs one of secret or public_key"),
+        (f'mode = "token"\nsecret = "{secret}"\npublic_key = "/k.pem"', "needs one of"),
+        ('mode = "jwt"', "is not one of"),
+        ('secret = "short"', "at least 32 bytes"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            load(f"[auth]\n{bad}\n")
+
+
+def test_limits_reject_negative_values_and_tls_needs_both_files() -> None:
+    for key in ("max_messages_per_second", "max_connections_per_ip", "read_timeout"):
+        with pytest.raises(ConfigError, match=f"{key} must be >= 0"):
+            load(f"[[service]]\n{key} = -1\n")
+    with pytest.raises(ConfigError, match="ping_timeout must be positive"):
+        load("[[service]]\nping_timeout = 0\n")
+    with pytest.raises(ConfigError, match="tls_cert and tls_key go together"):
+        load('[[service]]\ntls_cert = "c.pem"\n')
+    with pytest.raises(ConfigError, match="at least max_message_bytes"):
+        load("[[service]]\nmax_bytes_per_second = 100\n")
+    assert load("[[service]]\nmax_bytes_per_second = 0\n").services[0].max_bytes_per_second == 0

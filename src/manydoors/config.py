@@ -62,6 +62,21 @@ class ServiceConfig:
     # keeps its connection while new messages for it are dropped and counted ("drop").
     slow_policy: str = "disconnect"
     max_subscriptions: int = 100  # channels one connection may be in at once
+    # TLS: PEM files of the certificate (chain) and its private key; both or neither.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # Limits for a public server; 0 turns a limit off.
+    max_messages_per_second: float = 100.0  # token bucket per connection, burst 1 s
+    max_bytes_per_second: int = 1024 * 1024  # over it, reading pauses until it refills
+    max_connections_per_ip: int = 1000
+    max_connections_per_user: int = 100
+    # Loopback peers are usually a local reverse proxy carrying everyone's connections,
+    # so they are not held to max_connections_per_ip unless this says so.
+    limit_loopback: bool = False
+    hello_timeout: float = 5.0  # auth mode "token": seconds to say a valid hello
+    read_timeout: float = 10.0  # seconds a started message (or WS handshake) may take
+    ping_interval: float = 25.0  # a connection quiet this long gets {"ev":"ping"}
+    ping_timeout: float = 10.0  # ... and is closed if nothing arrives within this
 
     def __post_init__(self) -> None:
         _check_types(self, f"service {self.name}")
@@ -90,6 +105,26 @@ class ServiceConfig:
             )
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"service {self.name}: workers must be 'auto' or at least 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError(f"service {self.name}: tls_cert and tls_key go together")
+        for key in (
+            "max_messages_per_second",
+            "max_bytes_per_second",
+            "max_connections_per_ip",
+            "max_connections_per_user",
+            "read_timeout",
+            "ping_interval",
+        ):
+            if not getattr(self, key) >= 0:  # also catches NaN
+                raise ConfigError(f"service {self.name}: {key} must be >= 0 (0: off)")
+        for key in ("hello_timeout", "ping_timeout"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"service {self.name}: {key} must be positive")
+        if 0 < self.max_bytes_per_second < self.max_message_bytes:
+            raise ConfigError(
+                f"service {self.name}: max_bytes_per_second must be 0 or at least "
+                f"max_message_bytes ({self.max_message_bytes})"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,16 +138,30 @@ class ApiConfig:
             raise ConfigError(f"api: port {self.port} is not in 0-65535")
 
 
+AUTH_MODES: Final = ("none", "token")
+
+
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
-    """Who may use the HTTP API (client tokens come with issue 7's auth work)."""
+    """Who may connect (client tokens) and who may use the HTTP API (the API key)."""
 
+    # "token": a client's hello carries a JWT whose ``sub`` is its user id.
+    mode: str = "none"
+    secret: str | None = None  # HMAC key (HS256/384/512) of the tokens ...
+    public_key: str | None = None  # ... or a PEM file of an RSA/EC key (RS256, ES256)
     # When set, publish, presence and connections need ``Authorization: Bearer <key>``.
     api_key: str | None = None
     protect_stats: bool = False  # also /api/stats, /api/stream, /metrics (not /healthz)
 
     def __post_init__(self) -> None:
         _check_types(self, "auth")
+        if self.mode not in AUTH_MODES:
+            raise ConfigError(f"auth: mode {self.mode!r} is not one of {AUTH_MODES}")
+        if self.mode == "token" and (self.secret is None) == (self.public_key is None):
+            raise ConfigError('auth: mode "token" needs one of secret or public_key')
+        if self.secret is not None and len(self.secret.encode()) < 32:
+            # RFC 7518 3.2: an HMAC key at least as long as the hash (HS256: 32 bytes).
+            raise ConfigError("auth: secret must be at least 32 bytes")
         if self.api_key is not None and len(self.api_key) < 16:
             raise ConfigError("auth: api_key must be at least 16 characters")
 
@@ -237,10 +286,90 @@ SERVICE_OPTIONS: Final = (
         str,
         "a reader over max_outbound_bytes: 'disconnect' (default) or 'drop' its messages",
     ),
+    Option("tls_cert", "MANYDOORS_TLS_CERT", "--tls-cert", str, "PEM certificate (chain)"),
+    Option("tls_key", "MANYDOORS_TLS_KEY", "--tls-key", str, "PEM private key of tls_cert"),
+    Option(
+        "max_messages_per_second",
+        "MANYDOORS_MAX_MESSAGES_PER_SECOND",
+        "--max-messages-per-second",
+        float,
+        "messages a connection may send per second (0: no limit)",
+    ),
+    Option(
+        "max_bytes_per_second",
+        "MANYDOORS_MAX_BYTES_PER_SECOND",
+        "--max-bytes-per-second",
+        int,
+        "bytes a connection may send per second before reading pauses (0: no limit)",
+    ),
+    Option(
+        "max_connections_per_ip",
+        "MANYDOORS_MAX_CONNECTIONS_PER_IP",
+        "--max-connections-per-ip",
+        int,
+        "connections from one address (0: no limit)",
+    ),
+    Option(
+        "max_connections_per_user",
+        "MANYDOORS_MAX_CONNECTIONS_PER_USER",
+        "--max-connections-per-user",
+        int,
+        "connections of one user (0: no limit)",
+    ),
+    Option(
+        "limit_loopback",
+        "MANYDOORS_LIMIT_LOOPBACK",
+        "--limit-loopback",
+        _bool,
+        "hold loopback peers to max_connections_per_ip too",
+    ),
+    Option(
+        "hello_timeout",
+        "MANYDOORS_HELLO_TIMEOUT",
+        "--hello-timeout",
+        float,
+        'seconds to say a valid hello (auth mode "token")',
+    ),
+    Option(
+        "read_timeout",
+        "MANYDOORS_READ_TIMEOUT",
+        "--read-timeout",
+        float,
+        "seconds a started message or handshake may take (0: no limit)",
+    ),
+    Option(
+        "ping_interval",
+        "MANYDOORS_PING_INTERVAL",
+        "--ping-interval",
+        float,
+        "ping a connection quiet this many seconds (0: no heartbeat)",
+    ),
+    Option(
+        "ping_timeout",
+        "MANYDOORS_PING_TIMEOUT",
+        "--ping-timeout",
+        float,
+        "close a pinged connection that sends nothing within this many seconds",
+    ),
 )
 GLOBAL_OPTIONS: Final = (
     Option("api.host", "MANYDOORS_API_HOST", "--api-host", str, "HTTP API address"),
     Option("api.port", "MANYDOORS_API_PORT", "--api-port", int, "HTTP API port"),
+    Option("auth.mode", "MANYDOORS_AUTH_MODE", "--auth-mode", str, "'none' or 'token' (JWT)"),
+    Option(
+        "auth.secret",
+        "MANYDOORS_AUTH_SECRET",
+        "--auth-secret",
+        str,
+        "HMAC key of client tokens (prefer the env variable)",
+    ),
+    Option(
+        "auth.public_key",
+        "MANYDOORS_AUTH_PUBLIC_KEY",
+        "--auth-public-key",
+        str,
+        "PEM file of the RSA/EC key that verifies client tokens",
+    ),
     Option(
         "auth.api_key",
         "MANYDOORS_API_KEY",
