@@ -39,6 +39,7 @@ from ..protocol.ipc import Kind
 from ..protocol.messages import ERROR_CODES
 from .link import Link
 from .stats import StatsTable
+from .tls import TlsError, server_context
 from .worker import WorkerSpec, worker_main
 
 # SO_REUSEPORT hashes connections to workers unevenly, so a pool sized exactly fills
@@ -165,6 +166,15 @@ class Supervisor:
         cfg = self.config
         return [(s, pool_size(s, self.fd_limit, cfg.fd_reserve)) for s in cfg.services]
 
+    def check_tls(self) -> None:
+        """Load each service's certificate and key now: a bad file stops the start."""
+        for service in self.config.services:
+            if service.tls_cert is not None and service.tls_key is not None:
+                try:
+                    server_context(service.tls_cert, service.tls_key)
+                except TlsError as exc:
+                    raise StartupError(f"service {service.name}: {exc}") from None
+
     def bind(self) -> None:
         from ..doctor.capacity import startup_warning
 
@@ -270,6 +280,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             # The handler only records the request; the loop below acts on it.
             loop.add_signal_handler(sig, self.stop_requested.set)
+        self.check_tls()
         self.bind()
         try:
             await self.broker.start()
@@ -303,7 +314,8 @@ class Supervisor:
             for p in self.pools
         }
         first = self.pools[0]
-        self.say(f"ready: API {api}; try: nc {first.service.host} {first.port}")
+        try_it = "openssl s_client -quiet -connect {}:{}" if first.service.tls_cert else "nc {} {}"
+        self.say(f"ready: API {api}; try: {try_it.format(first.service.host, first.port)}")
         if ready_file:
             tmp = f"{ready_file}.tmp"
             with open(tmp, "w") as f:
@@ -393,6 +405,7 @@ class Supervisor:
                     "host": svc.host,
                     "port": pool.port,
                     "protocol": svc.protocol,
+                    "tls": svc.tls_cert is not None,
                     "max_connections": svc.max_connections,
                     "connections": svc_totals["connections"],
                     "workers": workers,

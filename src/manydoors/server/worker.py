@@ -47,6 +47,7 @@ from ..protocol.messages import (
     ok_line,
 )
 from ..protocol.websocket import encode_close
+from . import tls
 from .connection import Connection, TcpConnection, WsConnection
 from .hub import Hub, channels_of
 from .link import Link
@@ -87,6 +88,7 @@ class Worker:
         self.max_connections = svc.max_connections
         self.websocket = svc.protocol == "websocket"
         self.conn_class: type[Connection] = WsConnection if self.websocket else TcpConnection
+        self.conn_class = tls.connection_class(svc, self.conn_class)
         self.frame = self.conn_class.frame  # NDJSON event line -> bytes on this service's wire
         self.cap = spec.fd_limit - spec.fd_reserve  # lowered in run() to what is really free
         self.admitted = 0
@@ -138,6 +140,11 @@ class Worker:
         self.admitted += 1
         self.mv[self.i_conn] += 1
         return self.conn_class()
+
+    def unaccept(self) -> None:
+        """Undo accept()'s count for a connection never made (its TLS handshake failed)."""
+        self.admitted -= 1
+        self.mv[self.i_conn] -= 1
 
     def admit(self, conn: Connection, transport: asyncio.Transport) -> None:
         self.hub.add(conn)
@@ -414,8 +421,9 @@ class Worker:
         # accepted and answered; libuv's reserve-fd trick (accept and close) is only
         # the last line of defence, for fds that something else used up.
         self.cap = min(self.cap, self.spec.fd_limit - _open_fds() - HEADROOM)
+        tls_options = tls.listen_options(self.spec.service)  # {} without TLS
         server = await loop.create_server(
-            self.accept, sock=listen_sock, backlog=self.spec.service.backlog
+            self.accept, sock=listen_sock, backlog=self.spec.service.backlog, **tls_options
         )
         loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
         link.send(Kind.READY, str(self.pid))
