@@ -23,6 +23,8 @@ the client is reconnecting, raises :class:`ConnectionError`. The exception is
 ``subscribe``, whose channel is remembered as soon as it is called, so it is
 subscribed again once the connection is back even if the call raised. A channel
 the server refuses on resubscribe (an ``error``) is dropped and logged.
+
+For a service with TLS, pass ``ssl=`` an ``ssl.SSLContext``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import contextlib
 import itertools
 import logging
 import random
+import ssl
 from types import TracebackType
 from typing import Any
 
@@ -68,8 +71,10 @@ class Client:
         token: str | None = None,
         backoff: tuple[float, float] = (0.1, 5.0),
         connect_timeout: float = 5.0,
+        ssl: ssl.SSLContext | None = None,
     ) -> None:
         self.host, self.port = host, port
+        self.ssl = ssl  # for a service with tls_cert (None: plain TCP)
         self.user, self.token = user, token
         self.backoff = backoff
         self.connect_timeout = connect_timeout
@@ -223,7 +228,9 @@ class Client:
     async def _open(self) -> None:
         """Connect, read the welcome, say hello, resubscribe; raise if any step fails."""
         async with asyncio.timeout(self.connect_timeout):
-            reader, writer = await asyncio.open_connection(self.host, self.port, limit=READ_LIMIT)
+            reader, writer = await asyncio.open_connection(
+                self.host, self.port, limit=READ_LIMIT, ssl=self.ssl
+            )
             try:
                 first = msgspec.json.decode(await reader.readline())
                 if not isinstance(first, dict) or first.get("ev") != "welcome":

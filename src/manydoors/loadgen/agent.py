@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import struct
 import time
 from collections import Counter
@@ -28,6 +29,7 @@ from ..protocol.framing import TOO_LONG, LineFramer
 from ..server.worker import GC_THRESHOLDS
 from . import wsclient
 from .planner import AgentPlan
+from .tlspipe import TlsPipe, client_context
 
 IP_BIND_ADDRESS_NO_PORT: Final = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 IP_LOCAL_PORT_RANGE: Final = getattr(socket, "IP_LOCAL_PORT_RANGE", 51)
@@ -46,6 +48,7 @@ class AgentOptions:
     fd_limit: int
     source_ports: tuple[int, int] | None = None  # per-socket ephemeral range
     ws: bool = False  # speak WebSocket (the same JSON messages in text frames)
+    tls: bool = False  # TLS (no certificate check: see tlspipe)
 
 
 class Event(msgspec.Struct):
@@ -75,7 +78,7 @@ class LoadConn(LineFramer):
     is what lets one process open tens of thousands per second.
     """
 
-    __slots__ = ("got", "ready", "sock", "started")
+    __slots__ = ("got", "ready", "sock", "started", "tls")
 
     def __init__(self, sock: socket.socket, started: float) -> None:
         LineFramer.__init__(self)
@@ -83,6 +86,7 @@ class LoadConn(LineFramer):
         self.started = started
         self.got = 0  # bit n set: message number n arrived
         self.ready = False
+        self.tls: TlsPipe | None = None
 
 
 class WsLoadConn(LoadConn):
@@ -126,6 +130,9 @@ class Agent:
         self.first_attempt = self.last_connect = 0.0
         self.peak = 0
         self.stop = asyncio.Event()
+        self.tls = client_context() if opts.tls else None
+        # Connections in their TLS handshake -> the user number their greeting will use.
+        self.handshaking: dict[LoadConn, int] = {}
         last = 2 if opts.subscribe else 1
         self.ready_id = last if opts.hello else None
         # IP_LOCAL_PORT_RANGE (Linux 6.3+) takes the range as hi << 16 | lo.
@@ -189,6 +196,8 @@ class Agent:
         if conn.ready:
             conn.ready = False
             self.ready -= 1
+        if conn.tls is not None:
+            self.handshaking.pop(conn, None)
         sock.close()
         if error is not None:
             self.errors[error] += 1
@@ -265,14 +274,40 @@ class Agent:
         self.open_now += 1
         self.peak = max(self.peak, self.open_now)
         self.conns.add(conn)
-        if not self.opts.hello and not self.opts.ws:
+        if self.tls is not None:
+            # The greeting waits for the handshake, which needs reading even with --raw.
+            conn.tls = TlsPipe(self.tls)
+            self.handshaking[conn] = user
+            sock.send(conn.tls.start())
+        elif not self.opts.hello and not self.opts.ws:
             # --raw only holds: not reading saves a poll registration per connection
             # (what the server sends waits in the kernel buffer).
             conn.ready = True
             self.ready += 1
             return
-        sock.send(self.greeting(user))  # a few dozen bytes into an empty buffer: never short
+        else:
+            sock.send(self.greeting(user))  # a few dozen bytes into an empty buffer: never short
         asyncio.get_running_loop().add_reader(fd, self.on_readable, conn)
+
+    def unwrap(self, conn: LoadConn, pipe: TlsPipe, data: bytes) -> bytes:
+        """Decrypt ``data``; once the handshake completes, send the greeting."""
+        handshaking = not pipe.done
+        try:
+            data = pipe.receive(data)
+        except ssl.SSLError as exc:
+            self.close(conn, f"tls_failed: {exc.reason or exc}")
+            return b""
+        out = pipe.pending()
+        if handshaking and pipe.done:
+            greeting = self.greeting(self.handshaking.pop(conn, 0))
+            if greeting:
+                out += pipe.wrap(greeting)
+            elif not conn.ready:  # --raw: held once the handshake is done
+                conn.ready = True
+                self.ready += 1
+        if out:
+            conn.sock.send(out)
+        return data
 
     def on_readable(self, conn: LoadConn) -> None:
         try:
@@ -288,12 +323,18 @@ class Agent:
         self.received_data(conn, data)
 
     def received_data(self, conn: LoadConn, data: bytes) -> None:
+        pipe = conn.tls
+        if pipe is not None:
+            data = self.unwrap(conn, pipe, data)
         if isinstance(conn, WsLoadConn):
-            self.received_ws(conn, data)
-            return
-        for line in conn.feed_lines(data, LINE_LIMIT):
-            if line is not TOO_LONG:
-                self.on_line(conn, cast(bytes, line))
+            if data:
+                self.received_ws(conn, data)
+        else:
+            for line in conn.feed_lines(data, LINE_LIMIT):
+                if line is not TOO_LONG:
+                    self.on_line(conn, cast(bytes, line))
+        if pipe is not None and pipe.closed:  # close_notify: as EOF without TLS
+            self.close(conn, None if self.stop.is_set() else "closed_by_server")
 
     def received_ws(self, conn: WsLoadConn, data: bytes) -> None:
         buf = conn.buf + data
@@ -338,7 +379,8 @@ class Agent:
                 # Backpressure: connects in flight and connections still waiting for
                 # their ack both count, so a server that falls behind slows the ramp
                 # instead of drowning in connections it has not greeted yet.
-                waiting_ack = self.open_now - self.ready if self.opts.hello else 0
+                held = self.opts.hello or self.tls is not None  # --raw --tls: the handshake
+                waiting_ack = self.open_now - self.ready if held else 0
                 room = MAX_IN_FLIGHT - len(self.connecting) - waiting_ack
                 for _ in range(max(0, min(due, room, left))):
                     self.open_one(lane.src, lane.dst, lane.port, user)

@@ -26,6 +26,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--subscribe", metavar="CHANNEL", help="each connection subscribes")
     p.add_argument("--raw", action="store_true", help="only connect and hold (no hello)")
     p.add_argument("--ws", action="store_true", help="speak WebSocket to a websocket service")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect over TLS (with --ws: wss). The server's certificate is NOT verified: "
+        "this measures your own server, typically on loopback with a self-signed certificate",
+    )
     p.add_argument("--api", help="server API URL, for --broadcasts")
     p.add_argument("--broadcasts", type=int, default=0, help="messages to publish and time")
     p.add_argument("--delivery-timeout", type=float, default=30)
@@ -84,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         fd_limit=fd_limit,
         source_ports=source_ports,
         ws=args.ws,
+        tls=args.tls,
     )
     report = Controller(plan, opts, live=sys.stderr.isatty()).run()
     if args.report:

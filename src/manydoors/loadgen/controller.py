@@ -38,6 +38,7 @@ class LoadOptions:
     fd_limit: int
     source_ports: tuple[int, int] | None = None
     ws: bool = False
+    tls: bool = False
 
 
 def read_port_range(root: str = "/") -> tuple[int, int]:
@@ -119,6 +120,7 @@ class Controller:
             self.opts.fd_limit,
             self.opts.source_ports,
             self.opts.ws,
+            self.opts.tls,
         )
         for agent in self.plan.agents:
             mine, theirs = ctx.Pipe()

@@ -18,8 +18,12 @@ EXPLAIN: dict[str, str] = {
     "server_full": "the server answered server_full: it is at max_connections or a "
     "worker is at its fd limit",
     "bad_line": "the server sent a line that is not a JSON event",
+    "tls_failed": "the TLS handshake or session failed: is the target a TLS service? "
+    "(--tls against a plain port fails so)",
 }
 
 
 def explain(name: str) -> str:
-    return EXPLAIN.get(name, "see errno(3)" if name.startswith("E") else "server error code")
+    # "tls_failed: WRONG_VERSION_NUMBER" is explained as "tls_failed"
+    known = EXPLAIN.get(name) or EXPLAIN.get(name.split(":", 1)[0])
+    return known or ("see errno(3)" if name.startswith("E") else "server error code")
