@@ -24,7 +24,8 @@ the client is reconnecting, raises :class:`ConnectionError`. The exception is
 subscribed again once the connection is back even if the call raised. A channel
 the server refuses on resubscribe (an ``error``) is dropped and logged.
 
-For a service with TLS, pass ``ssl=`` an ``ssl.SSLContext``.
+The client answers the server's heartbeat (``{"ev":"ping"}``) with ``{"op":"pong"}``
+by itself. For a service with TLS, pass ``ssl=`` an ``ssl.SSLContext``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 # envelope; leave room for services configured with a larger cap.
 READ_LIMIT = 16 * 1024 * 1024
 _CLOSED = object()
+_PONG = b'{"op":"pong"}\n'  # the answer to the server's heartbeat {"ev":"ping"}
 
 
 class ClientError(Exception):
@@ -201,6 +203,10 @@ class Client:
             self._events.put_nowait(event)
         elif kind in ("dm", "broadcast"):
             self._events.put_nowait(event)
+        elif kind == "ping":
+            # The server closes a connection that stays quiet after its ping.
+            if self._writer is not None:
+                self._writer.write(_PONG)
         elif kind in ("ok", "error", "presence", "pong"):
             ident = event.get("id")
             entry = self._pending.get(ident) if isinstance(ident, int) else None

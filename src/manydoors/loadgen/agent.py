@@ -8,6 +8,7 @@ transport and a slotted protocol object; there is no task or stream per connecti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
 import os
@@ -37,6 +38,7 @@ MAX_IN_FLIGHT: Final = 512  # connects (and unacked hellos) outstanding per proc
 TICK: Final = 0.005
 REPORT_EVERY: Final = 0.5
 LINE_LIMIT: Final = 1024 * 1024
+PONG: Final = b'{"op":"pong"}'  # the answer to the server's heartbeat {"ev":"ping"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +135,8 @@ class Agent:
         self.tls = client_context() if opts.tls else None
         # Connections in their TLS handshake -> the user number their greeting will use.
         self.handshaking: dict[LoadConn, int] = {}
+        # One shared answer to every heartbeat: no state per connection.
+        self.pong = wsclient.masked_text(PONG) if opts.ws else PONG + b"\n"
         last = 2 if opts.subscribe else 1
         self.ready_id = last if opts.hello else None
         # IP_LOCAL_PORT_RANGE (Linux 6.3+) takes the range as hi << 16 | lo.
@@ -171,6 +175,8 @@ class Agent:
             if ev.id == self.ready_id and not conn.ready:
                 conn.ready = True
                 self.ready += 1
+        elif kind == "ping":
+            self.send(conn, self.pong)
         elif kind == "error":
             self.errors[ev.code or "error"] += 1
         elif kind == "bye":
@@ -288,6 +294,14 @@ class Agent:
         else:
             sock.send(self.greeting(user))  # a few dozen bytes into an empty buffer: never short
         asyncio.get_running_loop().add_reader(fd, self.on_readable, conn)
+
+    def send(self, conn: LoadConn, data: bytes) -> None:
+        """Send a few bytes (a pong) on an open connection, through its TLS if any."""
+        if conn.tls is not None:
+            data = conn.tls.wrap(data)
+        # Nearly idle connections: the buffer has room. A reset shows on the next read.
+        with contextlib.suppress(OSError):
+            conn.sock.send(data)
 
     def unwrap(self, conn: LoadConn, pipe: TlsPipe, data: bytes) -> bytes:
         """Decrypt ``data``; once the handshake completes, send the greeting."""
