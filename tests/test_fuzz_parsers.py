@@ -23,6 +23,7 @@ from manydoors.protocol.messages import (
     ERROR_CODES,
     Hello,
     Ping,
+    PongOp,
     PresenceOp,
     ProtocolError,
     Pub,
@@ -121,7 +122,7 @@ def test_an_overlong_line_is_reported_once(limit: int, extra: int, data: st.Data
 
 # --- decode_op -------------------------------------------------------------------------
 
-OP_TYPES = (Hello, Sub, Unsub, Pub, Send, Ping, PresenceOp)
+OP_TYPES = (Hello, Sub, Unsub, Pub, Send, Ping, PresenceOp, PongOp)
 
 
 def decode_or_error(line: bytes) -> None:

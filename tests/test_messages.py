@@ -109,6 +109,7 @@ def test_every_documented_op_decodes() -> None:
         "send": b'{"op":"send","user":"u","data":1}',
         "ping": b'{"op":"ping"}',
         "presence": b'{"op":"presence","channel":"c"}',
+        "pong": b'{"op":"pong"}',
     }
     assert set(lines) == set(OPS)
     for line in lines.values():
@@ -255,7 +256,6 @@ def test_an_empty_object_is_missing_field_op() -> None:
 @pytest.mark.parametrize(
     ("line", "field"),
     [
-        (b'{"op":"hello","id":1}', "user"),
         (b'{"op":"sub","id":1}', "channel"),
         (b'{"op":"unsub","id":1}', "channel"),
         (b'{"op":"pub","channel":"c","id":1}', "data"),
@@ -278,7 +278,6 @@ def test_a_missing_required_field_is_missing_field_naming_it(line: bytes, field:
     "line",
     [
         b'{"op":"hello","user":5,"id":1}',
-        b'{"op":"hello","user":null,"id":1}',
         b'{"op":"hello","user":"u","token":5,"id":1}',
         b'{"op":"sub","channel":["c"],"id":1}',
         b'{"op":"unsub","channel":{},"id":1}',
@@ -381,7 +380,18 @@ def test_error_codes_are_the_documented_ones() -> None:
         "bad_frame",  # WebSocket: a frame the service does not take (binary, protocol error)
         "bad_handshake",  # WebSocket: the HTTP upgrade was refused
         "too_many_subscriptions",  # a sub beyond the service's max_subscriptions
+        "unauthorized",  # auth mode token: a bad or missing token, no hello in time
+        "forbidden",  # a $ channel the token does not grant
+        "rate_limited",  # over max_messages_per_second
+        "too_many_connections",  # max_connections_per_ip / per_user
+        "read_timeout",  # a message or handshake not finished within read_timeout
     }
+
+
+def test_hello_may_leave_the_user_to_its_token() -> None:
+    # The worker asks for a user unless auth mode "token" takes it from the token.
+    assert decode_op(b'{"op":"hello","token":"t.t.t"}') == Hello(user=None, token="t.t.t")
+    assert decode_op(b'{"op":"hello","user":null}') == Hello(user=None)
 
 
 # --- encoding server events --------------------------------------------------------------

@@ -20,7 +20,10 @@ Connect = Callable[..., Client]
 
 
 def two_workers(serve: Callable[..., Server], *flags: str) -> Server:
-    return serve("--workers", "2", "--max-connections", "1000", *flags)
+    # Publishers here stream from one connection: no message rate limit.
+    return serve(
+        "--workers", "2", "--max-connections", "1000", "--max-messages-per-second", "0", *flags
+    )
 
 
 def pair(clients: Connect, server: Server, per_worker: int) -> tuple[list[Client], list[Client]]:

@@ -23,7 +23,7 @@ def start_nodes(serve: Callable[..., Server], url: str, count: int) -> list[Serv
     return [
         serve(
             "--broker", url, "--host", f"127.0.0.{2 + i}", "--workers", "2",
-            "--max-connections", "1000",
+            "--max-connections", "1000", "--max-messages-per-second", "0",
         )
         for i in range(count)
     ]  # fmt: skip

@@ -20,8 +20,9 @@ OpId = int | str | None
 
 
 class Hello(Struct, tag="hello", tag_field="op"):
-    user: Name
-    token: str | None = None
+    # With auth mode "token" the user comes from the token's ``sub`` claim.
+    user: Name | None = None
+    token: Annotated[str, Meta(max_length=8192)] | None = None
     id: OpId = None
 
 
@@ -58,8 +59,13 @@ class PresenceOp(Struct, tag="presence", tag_field="op"):
     id: OpId = None
 
 
-ClientOp = Hello | Sub | Unsub | Pub | Send | Ping | PresenceOp
-OPS: Final = ("hello", "sub", "unsub", "pub", "send", "ping", "presence")
+class PongOp(Struct, tag="pong", tag_field="op"):
+    """A client's answer to the server's ``{"ev":"ping"}``: it only proves it is alive."""
+
+
+ClientOp = Hello | Sub | Unsub | Pub | Send | Ping | PresenceOp | PongOp
+OPS: Final = ("hello", "sub", "unsub", "pub", "send", "ping", "presence", "pong")
+PRIVATE: Final = "$"  # channels starting with it need a token's ``channels`` claim
 
 
 class ProtocolError(Exception):
@@ -84,6 +90,11 @@ ERROR_CODES: Final = (
     "bad_frame",
     "bad_handshake",
     "too_many_subscriptions",
+    "unauthorized",  # a bad or expired token, or no hello in time (auth mode "token")
+    "forbidden",  # a private ($) channel the token does not grant
+    "rate_limited",
+    "too_many_connections",  # max_connections_per_ip / _per_user
+    "read_timeout",  # a message or handshake started and not finished in time
 )
 
 _op_decoder: Final[msgspec.json.Decoder[ClientOp]] = msgspec.json.Decoder(ClientOp)
@@ -203,6 +214,7 @@ class Bye(Struct, tag="bye", tag_field="ev"):
 
 _enc: Final = msgspec.json.Encoder()
 PONG: Final = b'{"ev":"pong"}\n'
+PING: Final = b'{"ev":"ping"}\n'  # the server's heartbeat; answer with {"op":"pong"}
 
 
 Event = Welcome | Msg | Dm | Broadcast | Ok | Recovered | Presence | Pong | Error | Bye

@@ -155,6 +155,8 @@ class _Collector:
             ("messages_in", "Client messages received"),
             ("messages_out", "Messages written to clients"),
             ("dropped", "Messages dropped for slow readers"),
+            ("throttled", "Times a connection's reading paused for max_bytes_per_second"),
+            ("pings", "Heartbeat pings sent to quiet connections"),
         ):
             yield CounterMetricFamily(f"manydoors_{name}", help_, value=s[name])
         for name, help_, key in (

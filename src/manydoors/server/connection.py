@@ -18,6 +18,7 @@ from ..protocol.messages import (
     PONG,
     Hello,
     Ping,
+    PongOp,
     PresenceOp,
     ProtocolError,
     Pub,
@@ -46,7 +47,7 @@ from ..protocol.websocket import Ping as WsPing
 if TYPE_CHECKING:
     from .worker import Worker
 
-_SLOTS = ("channels", "slow", "strikes", "transport", "user")
+_SLOTS = ("channels", "ipb", "mark", "slow", "strikes", "transport", "user")
 
 
 class Connection(asyncio.Protocol):
@@ -63,6 +64,11 @@ class Connection(asyncio.Protocol):
     channels: str | tuple[str, ...]
     strikes: int  # consecutive bad messages
     slow: bool  # write buffer over the cap: new messages are dropped (or it is closed)
+    # The worker's tick when the last message was completed, or (if later) the tick
+    # when the message being received began: the heartbeat and read_timeout clock.
+    # Ticks are shared int objects, so this costs the slot and nothing more.
+    mark: int
+    ipb: int | None  # bucket counting this peer against max_connections_per_ip
 
     def _init_state(self) -> None:
         self.transport = None
@@ -70,6 +76,13 @@ class Connection(asyncio.Protocol):
         self.channels = ()
         self.strikes = 0
         self.slow = False
+        self.mark = self.worker.tick
+        self.ipb = None
+
+    @property
+    def reading(self) -> bool:
+        """True while a message (or handshake) has begun and not been completed."""
+        raise NotImplementedError
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -86,16 +99,30 @@ class Connection(asyncio.Protocol):
 
     def handle(self, message: bytes) -> None:
         """One complete client message (a line, or a text frame's payload)."""
+        worker = self.worker
+        self.mark = worker.tick
         try:
             op = decode_op(message)
         except ProtocolError as exc:
             self.reject(exc)
             return
+        if worker.rate_limited(self):
+            reason = f"more than {worker.spec.service.max_messages_per_second:g} messages/s"
+            self.reject(ProtocolError("rate_limited", reason, getattr(op, "id", None)))
+            return
         self.strikes = 0
-        self.worker.count_in()
+        worker.count_in()
+        if (
+            self.user is None
+            and worker.verifier is not None
+            and not isinstance(op, Hello | Ping | PongOp)
+        ):
+            worker.count_error("unauthorized")
+            self.write(error_line("unauthorized", "say hello with a token first", op.id))
+            return
         self.dispatch(op)
 
-    def dispatch(self, op: Hello | Sub | Unsub | Pub | Send | Ping | PresenceOp) -> None:
+    def dispatch(self, op: Hello | Sub | Unsub | Pub | Send | Ping | PresenceOp | PongOp) -> None:
         worker = self.worker
         if isinstance(op, Pub):
             worker.publish(self, op)
@@ -109,8 +136,9 @@ class Connection(asyncio.Protocol):
             worker.unsubscribe(self, op)
         elif isinstance(op, PresenceOp):
             worker.presence(self, op)
-        else:
+        elif isinstance(op, Ping):
             self.write(PONG if op.id is None else pong_line(op.id))
+        # PongOp: handle() has already reset the heartbeat clock
 
     def reject(self, exc: ProtocolError) -> None:
         """Answer a bad message; close a client that keeps sending them."""
@@ -143,10 +171,19 @@ class TcpConnection(LineFramer, Connection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = tr = cast(asyncio.Transport, transport)
-        self.worker.admit(self, tr)
+        if self.worker.let_in(self, tr):
+            self.worker.admit(self, tr)
+
+    @property
+    def reading(self) -> bool:
+        return self._partial != b""  # a line begun (or an oversized one being skipped)
 
     def data_received(self, data: bytes) -> None:
         worker = self.worker
+        if self._partial == b"":
+            self.mark = worker.tick  # a new message begins
+        if worker.byte_rate:
+            worker.spend_bytes(self, len(data))
         for line in self.feed_lines(data, worker.max_message_bytes):
             if self.transport is None:
                 return  # closed while handling an earlier line
@@ -180,13 +217,22 @@ class WsConnection(WsFrameParser, Connection):
         self.head: bytes | None = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+        self.transport = tr = cast(asyncio.Transport, transport)
+        self.worker.let_in(self, tr)
+
+    @property
+    def reading(self) -> bool:
+        return self.head is not None or bool(self._buf) or self._frag is not None
 
     def data_received(self, data: bytes) -> None:
         transport = self.transport
         if transport is None:
             return
         worker = self.worker
+        if self.head is None and self._buf == b"" and self._frag is None:
+            self.mark = worker.tick  # a new frame begins
+        if worker.byte_rate:
+            worker.spend_bytes(self, len(data))
         if self.head is not None:
             request = self.head + data
             try:

@@ -12,16 +12,25 @@ from typing import Final
 
 from ..protocol.messages import ERROR_CODES
 
+REFUSED: Final = ("server_full", "worker_full", "per_ip", "per_user")
+CLOSED: Final = (
+    "bad_input",  # max_bad_messages in a row (rate_limited ones included)
+    "slow",
+    "unauthorized",
+    "hello_timeout",
+    "read_timeout",
+    "ping_timeout",
+)
 COUNTERS: Final = (
     "connections",
     "accepted",
-    "refused_server_full",
-    "refused_worker_full",
+    *(f"refused_{r}" for r in REFUSED),
     "messages_in",
     "messages_out",
     "dropped",
-    "closed_bad_input",
-    "closed_slow",
+    "throttled",  # times reading was paused for max_bytes_per_second
+    "pings",
+    *(f"closed_{r}" for r in CLOSED),
     *(f"error_{code}" for code in ERROR_CODES),
 )
 COL: Final = {name: i for i, name in enumerate(COUNTERS)}

@@ -37,9 +37,11 @@ from ..broker.local import LocalBroker
 from ..config import Config, ServiceConfig
 from ..protocol.ipc import Kind
 from ..protocol.messages import ERROR_CODES
+from .limits import CountTable
 from .link import Link
-from .stats import StatsTable
+from .stats import CLOSED, REFUSED, StatsTable
 from .tls import TlsError, server_context
+from .tokens import KeyFileError, Verifier
 from .worker import WorkerSpec, worker_main
 
 # SO_REUSEPORT hashes connections to workers unevenly, so a pool sized exactly fills
@@ -113,7 +115,27 @@ def bind_slots(service: ServiceConfig, count: int) -> list[socket.socket]:
         ) from None
     port = probe.getsockname()[1]
     probe.close()
-    return [_bind(service.host, port, service.backlog, reuseport=True) for _ in range(count)]
+    sockets = [_bind(service.host, port, service.backlog, reuseport=True) for _ in range(count)]
+    for sock in sockets:
+        keepalive(sock)
+    return sockets
+
+
+def keepalive(sock: socket.socket) -> None:
+    """TCP keepalive for every connection (accepted sockets inherit it from the listener).
+
+    The heartbeat finds a dead peer first; keepalive also covers a heartbeat turned
+    off (ping_interval = 0), and TCP_USER_TIMEOUT drops a peer that leaves our data
+    unacknowledged for 2 minutes instead of the kernel's ~15 minutes of retries.
+    """
+    for level, name, value in (
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6),
+        (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 120_000),
+    ):
+        sock.setsockopt(level, name, value)
 
 
 @dataclass
@@ -139,6 +161,7 @@ class Pool:
     slots: list[Slot]
     table: StatsTable
     buffer: Any  # the shared ctypes array behind ``table``
+    counts: Any = None  # shared per-IP and per-user connection counts (limits.py)
     retired: Counter[str] = field(default_factory=Counter)  # counters of dead workers
 
 
@@ -189,7 +212,10 @@ class Supervisor:
             buffer = self.ctx.RawArray(ctypes.c_ubyte, StatsTable.size(count) * 8)
             table = StatsTable(memoryview(buffer), count)
             slots = [Slot(i, s) for i, s in enumerate(sockets)]
-            self.pools.append(Pool(service, port, slots, table, buffer))
+            counts = None
+            if service.max_connections_per_ip or service.max_connections_per_user:
+                counts = self.ctx.RawArray(ctypes.c_ubyte, 2 * CountTable.size(count))
+            self.pools.append(Pool(service, port, slots, table, buffer, counts=counts))
             self.say(
                 f"{service.name} {service.host}:{port} backlog {service.backlog}: "
                 f"{count} workers x {cap:,} fds = {count * cap:,} connections"
@@ -206,10 +232,11 @@ class Supervisor:
             self.fd_limit,
             self.config.fd_reserve,
             self.config.drain_timeout,
+            self.config.auth,
         )
         proc = self.ctx.Process(
             target=worker_main,
-            args=(spec, slot.sock, theirs, pool.buffer),
+            args=(spec, slot.sock, theirs, pool.buffer, pool.counts),
             name=f"manydoors-{pool.service.name}-{slot.index}",
         )
         proc.start()
@@ -248,6 +275,11 @@ class Supervisor:
             slot.link.close()
             slot.link = None
         pool.retired.update(pool.table.clear_row(slot.index))
+        if pool.counts is not None:  # its connections are gone, and so are their counts
+            whole = memoryview(pool.counts).cast("B")
+            size = CountTable.size(len(pool.slots))
+            for part in (whole[:size], whole[size:]):
+                CountTable(part, len(pool.slots)).clear_row(slot.index)
         pool.retired["connections"] = 0  # a gauge, not a counter
         slot.process = None
         if self.stopping:
@@ -280,6 +312,11 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             # The handler only records the request; the loop below acts on it.
             loop.add_signal_handler(sig, self.stop_requested.set)
+        if self.config.auth.mode == "token":
+            try:  # a bad key file stops the start here, not in every worker
+                Verifier(self.config.auth)
+            except KeyFileError as exc:
+                raise StartupError(str(exc)) from None
         self.check_tls()
         self.bind()
         try:
@@ -414,11 +451,13 @@ class Supervisor:
         return {
             "connections": totals["connections"],
             "accepted": totals["accepted"],
-            "refused": {r: totals[f"refused_{r}"] for r in ("server_full", "worker_full")},
+            "refused": {r: totals[f"refused_{r}"] for r in REFUSED},
             "messages_in": totals["messages_in"],
             "messages_out": totals["messages_out"],
             "dropped": totals["dropped"],
-            "closed": {r: totals[f"closed_{r}"] for r in ("bad_input", "slow")},
+            "throttled": totals["throttled"],
+            "pings": totals["pings"],
+            "closed": {r: totals[f"closed_{r}"] for r in CLOSED},
             "errors": {c: totals[f"error_{c}"] for c in ERROR_CODES},
             "broker": self.broker.stats(),
             "uptime_s": round(time.time() - self.started, 3),

@@ -20,17 +20,19 @@ import signal
 import socket
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, cast
 
 import msgspec
 import uvloop
 
 from ..broker.base import PresenceResult
-from ..config import ServiceConfig
+from ..config import AuthConfig, ServiceConfig
 from ..protocol.ipc import RECOVER_HEAD, RECOVERED_HEAD, TOKEN, Kind
 from ..protocol.messages import (
     ERROR_CODES,
+    PING,
+    PRIVATE,
     Hello,
     OpId,
     Presence,
@@ -46,17 +48,20 @@ from ..protocol.messages import (
     error_line,
     ok_line,
 )
-from ..protocol.websocket import encode_close
+from ..protocol.websocket import encode_close, text_header
 from . import tls
 from .connection import Connection, TcpConnection, WsConnection
 from .hub import Hub, channels_of
+from .limits import CountTable, ip_bucket, is_loopback, user_bucket
 from .link import Link
-from .stats import COL, CONNECTIONS, StatsTable
+from .stats import CLOSED, COL, CONNECTIONS, REFUSED, StatsTable
+from .tokens import TokenError, Verifier
 
 GC_THRESHOLDS: Final = (50_000, 20, 100)
 HEADROOM: Final = 8  # fds kept free for refusals and the odd file
 DRAIN_BATCH: Final = 2000  # connections closed per loop iteration while draining
-SLOW_GRACE: Final = 2.0  # seconds a closed slow reader has to take its bye before an abort
+CLOSE_GRACE: Final = 2.0  # seconds a closed connection has to take its bye before an abort
+MAX_TICK: Final = 1.0  # seconds between sweeps (shorter when a timeout is shorter)
 _encode_json: Final = msgspec.json.Encoder().encode
 _decode_presence: Final = msgspec.json.Decoder(PresenceResult).decode
 
@@ -69,6 +74,13 @@ class WorkerSpec:
     fd_limit: int
     fd_reserve: int
     drain_timeout: float
+    auth: AuthConfig = field(default_factory=AuthConfig)
+
+
+def tick_seconds(svc: ServiceConfig) -> float:
+    """The sweep period: a quarter of the shortest timeout, at most MAX_TICK."""
+    timeouts = (svc.hello_timeout, svc.read_timeout, svc.ping_interval, svc.ping_timeout)
+    return max(0.01, min(MAX_TICK, *(t / 4 for t in timeouts if t > 0)))
 
 
 class Worker:
@@ -86,6 +98,35 @@ class Worker:
         self.slow_disconnect = svc.slow_policy == "disconnect"
         self.max_subscriptions = svc.max_subscriptions
         self.max_connections = svc.max_connections
+        self.verifier = Verifier(spec.auth) if spec.auth.mode == "token" else None
+        # The private channels each token-holding connection may use (only those).
+        self.grants: dict[Connection, frozenset[str]] = {}
+        self.per_ip = svc.max_connections_per_ip
+        self.per_user = svc.max_connections_per_user
+        self.ip_counts: CountTable | None = None  # shared with the service's workers
+        self.user_counts: CountTable | None = None
+        # Timeouts run on a clock of ticks: every ``tick_s`` one sweep looks at every
+        # connection's ``mark`` (no timer per connection: a timer handle is ~100 bytes).
+        self.tick = 0
+        self.tick_s = tick_s = tick_seconds(svc)
+
+        def ticks(seconds: float) -> int:
+            return max(1, round(seconds / tick_s)) if seconds > 0 else 0
+
+        self.ping_ticks = ticks(svc.ping_interval)
+        self.pong_ticks = ticks(svc.ping_timeout)
+        self.read_ticks = ticks(svc.read_timeout)
+        self.hello_ticks = ticks(svc.hello_timeout)
+        # Deadlines of connections that must say a valid hello (token mode) or finish
+        # the WebSocket handshake; appended in tick order, so each is a queue.
+        self.hello_due: deque[tuple[int, Connection]] = deque()
+        self.handshake_due: deque[tuple[int, Connection]] = deque()
+        # Token buckets [messages, bytes, paused] of connections that sent lately;
+        # a connection with full buckets has no entry, so idle ones cost nothing.
+        self.msg_rate = svc.max_messages_per_second or float("inf")
+        self.byte_rate = svc.max_bytes_per_second
+        self.byte_burst = float(self.byte_rate or "inf")
+        self.budgets: dict[Connection, list[float]] = {}
         self.websocket = svc.protocol == "websocket"
         self.conn_class: type[Connection] = WsConnection if self.websocket else TcpConnection
         self.conn_class = tls.connection_class(svc, self.conn_class)
@@ -115,8 +156,13 @@ class Worker:
         self.i_in = ix["messages_in"]
         self.i_out = ix["messages_out"]
         self.i_dropped = ix["dropped"]
-        self.i_refused = {r: ix[f"refused_{r}"] for r in ("server_full", "worker_full")}
-        self.i_closed = {r: ix[f"closed_{r}"] for r in ("bad_input", "slow")}
+        self.i_refused = {r: ix[f"refused_{r}"] for r in REFUSED}
+        self.i_closed = {r: ix[f"closed_{r}"] for r in CLOSED}
+        self.i_throttled = ix["throttled"]
+        self.i_pings = ix["pings"]
+        self.ping = PING
+        if self.websocket:  # the event, and a control frame that browsers answer by themselves
+            self.ping = text_header(len(PING) - 1) + PING[:-1] + b"\x89\x00"
         self.i_error = {code: ix[f"error_{code}"] for code in ERROR_CODES}
 
     # --- connection lifecycle --------------------------------------------------------
@@ -146,6 +192,44 @@ class Worker:
         self.admitted -= 1
         self.mv[self.i_conn] -= 1
 
+    def let_in(self, conn: Connection, transport: asyncio.Transport) -> bool:
+        """Count the peer against max_connections_per_ip (or refuse it); start its clocks."""
+        if self.per_ip:
+            peer = transport.get_extra_info("peername")
+            ip = peer[0] if isinstance(peer, tuple) else ""
+            if ip and (self.spec.service.limit_loopback or not is_loopback(ip)):
+                bucket = ip_bucket(ip)
+                counts = self.ip_counts
+                if counts is not None:
+                    if counts.total(bucket) >= self.per_ip:
+                        self.mv[self.i_refused["per_ip"]] += 1
+                        reason = f"more than {self.per_ip} connections from {ip}"
+                        self.refuse(conn, "too_many_connections", reason, 429)
+                        return False
+                    counts.add(bucket, 1)
+                    conn.ipb = bucket
+        due = self.tick + self.hello_ticks
+        if self.verifier is not None:
+            self.hello_due.append((due, conn))
+        if self.websocket and self.read_ticks:
+            self.handshake_due.append((self.tick + self.read_ticks, conn))
+        return True
+
+    def refuse(self, conn: Connection, code: str, reason: str, status: int) -> None:
+        """Answer ``code`` and close: in HTTP before a WebSocket upgrade, else as events."""
+        transport = conn.transport
+        if transport is None:
+            return
+        conn.transport = None
+        self.count_error(code)
+        line = error_line(code, reason)
+        if getattr(conn, "head", None) is not None:
+            transport.write(_http_error(status, line))
+        else:
+            transport.write(self.frame(line))
+        transport.close()
+        asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
+
     def admit(self, conn: Connection, transport: asyncio.Transport) -> None:
         self.hub.add(conn)
         self.mv[self.i_accepted] += 1
@@ -158,6 +242,12 @@ class Worker:
         lost, gone = self.hub.remove(conn)
         self.admitted -= 1
         self.mv[self.i_conn] -= 1
+        if conn.ipb is not None and self.ip_counts is not None:
+            self.ip_counts.add(conn.ipb, -1)
+        if conn.user is not None and self.user_counts is not None:
+            self.user_counts.add(user_bucket(conn.user), -1)
+        self.budgets.pop(conn, None)
+        self.grants.pop(conn, None)
         link = self.link
         if link is not None:
             for channel in lost:
@@ -166,28 +256,26 @@ class Worker:
             if gone is not None:
                 link.send(Kind.USER_OFF, gone)
 
-    def close(self, conn: Connection, reason: str) -> None:
-        """Say bye with a reason and close (after what is queued has been written)."""
+    def close(self, conn: Connection, reason: str, error: bytes = b"") -> None:
+        """Say (an error and) bye with a reason and close.
+
+        What is queued is written first, but only for CLOSE_GRACE: then the connection
+        is aborted, which frees the queued bytes of a peer that does not read (a slow
+        reader, a vanished one) at once; close() alone would hold them until written.
+        """
         transport = conn.transport
         if transport is None:
             return
         conn.transport = None  # nothing more is read or written; connection_lost releases
         self.mv[self.i_closed[reason]] += 1
-        transport.write(self.goodbye(reason))
+        transport.write(self.frame(error) + self.goodbye(reason) if error else self.goodbye(reason))
         transport.close()
+        asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
 
     def close_slow(self, conn: Connection) -> None:
-        """Give up on a reader over its outbound cap: ``bye slow``, then let go of it.
-
-        The bye joins the queue it is not reading, so it reaches the client only if it
-        ever reads again: after SLOW_GRACE the connection is aborted, which frees the
-        queued bytes at once (close() alone would hold them until they are written).
-        """
-        transport = conn.transport
-        if transport is None or not conn.slow:
-            return
-        self.close(conn, "slow")
-        asyncio.get_running_loop().call_later(SLOW_GRACE, transport.abort)
+        """Give up on a reader over its outbound cap (the bye reaches it only if it reads)."""
+        if conn.slow:
+            self.close(conn, "slow")
 
     def goodbye(self, reason: str) -> bytes:
         """``bye`` with a reason; on WebSocket also the close frame (1001 or 1008)."""
@@ -203,6 +291,117 @@ class Worker:
 
     def count_error(self, code: str) -> None:
         self.mv[self.i_error[code]] += 1
+
+    def fail(
+        self, conn: Connection, code: str, reason: str, closed: str, op_id: OpId = None
+    ) -> None:
+        """An error event with ``code``, then bye ``closed`` and close."""
+        self.count_error(code)
+        self.close(conn, closed, error_line(code, reason, op_id))
+
+    def forbid(self, conn: Connection, channel: str, op_id: OpId) -> bool:
+        """Refuse a private channel the connection's token does not grant."""
+        if not channel.startswith(PRIVATE) or channel in self.grants.get(conn, ()):
+            return False
+        self.count_error("forbidden")
+        why = "needs a token granting it" if self.verifier else "needs auth mode token"
+        conn.write(error_line("forbidden", f"channel {channel} is private: it {why}", op_id))
+        return True
+
+    # --- inbound rate ----------------------------------------------------------------
+
+    def _budget(self, conn: Connection) -> list[float]:
+        budget = self.budgets.get(conn)
+        if budget is None:
+            budget = self.budgets[conn] = [self.msg_rate, self.byte_burst, 0.0]
+        return budget
+
+    def rate_limited(self, conn: Connection) -> bool:
+        """Take one message from the connection's bucket; True when it is empty."""
+        if self.msg_rate == float("inf"):
+            return False
+        budget = self._budget(conn)
+        if budget[0] < 1:
+            return True
+        budget[0] -= 1
+        return False
+
+    def spend_bytes(self, conn: Connection, n: int) -> None:
+        """Take received bytes from the bucket; pause reading when it runs dry.
+
+        Pausing is TCP flow control: the client's sends block, nothing is lost, and
+        the sweep resumes reading once the bucket has refilled.
+        """
+        budget = self._budget(conn)
+        budget[1] -= n
+        transport = conn.transport
+        if budget[1] < 0 and not budget[2] and transport is not None:
+            budget[2] = 1.0
+            transport.pause_reading()
+            self.mv[self.i_throttled] += 1
+
+    def refill(self) -> None:
+        msg_rate, byte_rate, burst = self.msg_rate, self.byte_rate, self.byte_burst
+        for conn, budget in list(self.budgets.items()):
+            budget[0] = min(msg_rate, budget[0] + msg_rate * self.tick_s)
+            budget[1] = min(burst, budget[1] + byte_rate * self.tick_s)
+            if budget[2] and budget[1] >= 0:
+                budget[2] = 0.0
+                if conn.transport is not None:
+                    conn.transport.resume_reading()
+            if budget[0] >= msg_rate and budget[1] >= burst:
+                del self.budgets[conn]
+
+    # --- timeouts --------------------------------------------------------------------
+
+    async def sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            self.sweep()
+
+    def sweep(self) -> None:
+        """One tick: refill rate buckets, then close or ping whoever is due."""
+        self.tick = now = self.tick + 1
+        if self.budgets:
+            self.refill()
+        for due in (self.hello_due, self.handshake_due):
+            while due and due[0][0] <= now:
+                conn = due.popleft()[1]
+                if due is self.handshake_due:
+                    if conn.transport is not None and getattr(conn, "head", None) is not None:
+                        self.mv[self.i_closed["read_timeout"]] += 1
+                        why = f"no WebSocket handshake within {self.spec.service.read_timeout:g} s"
+                        self.refuse(conn, "read_timeout", why, 408)
+                elif conn.user is None:
+                    why = f"no valid hello within {self.spec.service.hello_timeout:g} s"
+                    self.fail(conn, "unauthorized", why, "hello_timeout")
+        ping_at = now - self.ping_ticks if self.ping_ticks else -1
+        dead = ping_at - self.pong_ticks
+        stalled = now - self.read_ticks if self.read_ticks else -1
+        newest = max(ping_at, stalled)  # no connection with a later mark is due
+        if newest < 0:
+            return
+        late: list[tuple[Connection, str]] = []
+        pinged = 0
+        for conn in self.hub.conns:
+            mark = conn.mark
+            if mark > newest:
+                continue
+            if mark <= stalled and conn.reading:
+                late.append((conn, "read_timeout"))
+            elif mark == ping_at:
+                if conn.transport is not None:
+                    conn.transport.write(self.ping)
+                    pinged += 1
+            elif mark <= dead and self.ping_ticks:
+                late.append((conn, "ping_timeout"))
+        self.mv[self.i_pings] += pinged
+        for conn, why in late:
+            if why == "read_timeout":
+                reason = f"message not finished within {self.spec.service.read_timeout:g} s"
+                self.fail(conn, "read_timeout", reason, "read_timeout")
+            else:
+                self.close(conn, "ping_timeout")
 
     # --- client ops ------------------------------------------------------------------
 
@@ -237,13 +436,45 @@ class Worker:
         self.unsynced = []
 
     def hello(self, conn: Connection, op: Hello) -> None:
-        new, lost = self.hub.set_user(conn, op.user)
+        user = op.user
+        if self.verifier is not None:
+            try:
+                if op.token is None:
+                    raise TokenError("hello needs a token")
+                grant = self.verifier.verify(op.token)
+                if user not in (None, grant.user):
+                    raise TokenError("user differs from the token's sub")
+            except TokenError as exc:
+                self.fail(conn, "unauthorized", str(exc), "unauthorized", op.id)
+                return
+            user = grant.user
+            if grant.channels:
+                self.grants[conn] = grant.channels
+            else:
+                self.grants.pop(conn, None)
+        elif user is None:
+            self.count_error("missing_field")
+            conn.write(error_line("missing_field", "missing field 'user'", op.id))
+            return
+        if user != conn.user and self.user_counts is not None:
+            counts, bucket = self.user_counts, user_bucket(user)
+            if counts.total(bucket) >= self.per_user:
+                self.mv[self.i_refused["per_user"]] += 1
+                reason = f"user {user} has {self.per_user} connections already"
+                self.refuse(conn, "too_many_connections", reason, 429)
+                return
+            counts.add(bucket, 1)
+            if conn.user is not None:
+                counts.add(user_bucket(conn.user), -1)
+        new, lost = self.hub.set_user(conn, user)
         self._interest(Kind.USER_OFF, lost)
-        self._interest(Kind.USER_ON, op.user if new else None)
+        self._interest(Kind.USER_ON, user if new else None)
         self.ok_when_applied(conn, op.id)
 
     def subscribe(self, conn: Connection, op: Sub) -> None:
         channel = op.channel
+        if self.forbid(conn, channel, op.id):
+            return
         held = channels_of(conn)
         if channel not in held and len(held) >= self.max_subscriptions:
             self.count_error("too_many_subscriptions")
@@ -307,7 +538,7 @@ class Worker:
         self.mv[self.i_out] += len(lines)
 
     def presence(self, conn: Connection, op: PresenceOp) -> None:
-        if self.link is not None:
+        if self.link is not None and not self.forbid(conn, op.channel, op.id):
             req = next(self.requests)
             self.presences[req] = (conn, op.id)
             self.link.send(Kind.PRESENCE, op.channel, TOKEN.pack(req))
@@ -329,6 +560,8 @@ class Worker:
             self.dirty = True
 
     def publish(self, conn: Connection, op: Pub) -> None:
+        if self.forbid(conn, op.channel, op.id):
+            return
         if self.link is not None:
             self.link.send(Kind.PUB, op.channel, _encode_json((conn.user, op.data)))
         self.ok(conn, op.id)
@@ -429,7 +662,9 @@ class Worker:
         link.send(Kind.READY, str(self.pid))
         # Losing the supervisor (the link) stops us as SIGTERM would.
         link.lost.add_done_callback(lambda _: self.stop_event.set())
+        sweeper = asyncio.ensure_future(self.sweeper())
         await self.stop_event.wait()
+        sweeper.cancel()
         server.close()
         await self.drain()
 
@@ -472,14 +707,24 @@ class Refusal(asyncio.Protocol):
             worker.count_error(self.why)
         tr = cast(asyncio.Transport, transport)
         line = error_line(self.why, self.reason)
-        if worker.websocket:  # not upgraded yet: answer in HTTP
-            tr.write(
-                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(line), line)
-            )
-        else:
-            tr.write(line)
+        tr.write(_http_error(503, line) if worker.websocket else line)  # WS: not upgraded yet
         tr.close()
+
+
+_STATUS: Final = {
+    401: b"Unauthorized",
+    408: b"Request Timeout",
+    429: b"Too Many Requests",
+    503: b"Service Unavailable",
+}
+
+
+def _http_error(status: int, line: bytes) -> bytes:
+    """An HTTP error carrying an error event, for a WebSocket client not upgraded yet."""
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (status, _STATUS[status], len(line), line)
+    )
 
 
 def _open_fds() -> int:
@@ -491,6 +736,7 @@ def worker_main(
     listen_sock: socket.socket,
     link_sock: socket.socket,
     stats_buffer: memoryview,
+    counts_buffer: memoryview | None = None,
 ) -> None:
     """Entry point of a worker process (started by the supervisor's fork server)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
@@ -507,4 +753,12 @@ def worker_main(
     # refcount (connection_lost breaks the transport <-> protocol cycle), so collect
     # rarely.
     gc.set_threshold(*GC_THRESHOLDS)
-    uvloop.run(Worker(spec, stats).run(listen_sock, link_sock))
+    worker = Worker(spec, stats)
+    if counts_buffer is not None:  # [ip table | user table], see limits.py
+        svc, size = spec.service, CountTable.size(spec.rows)
+        whole = memoryview(counts_buffer).cast("B")
+        if svc.max_connections_per_ip:
+            worker.ip_counts = CountTable(whole[:size], spec.rows, spec.slot)
+        if svc.max_connections_per_user:
+            worker.user_counts = CountTable(whole[size:], spec.rows, spec.slot)
+    uvloop.run(worker.run(listen_sock, link_sock))

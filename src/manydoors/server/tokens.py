@@ -1,0 +1,86 @@
+"""Client tokens (auth mode "token"): a JWT in ``hello`` says who the client is.
+
+``sub`` is the user id; the optional ``channels`` claim lists the private channels
+(names starting with ``$``) the user may subscribe and publish to; ``exp`` (and
+``nbf``) are honoured when present. Verification is PyJWT's: HMAC with the
+configured secret, or RS256 / ES256 with the configured public key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import jwt
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+
+    Key = RSAPublicKey | EllipticCurvePublicKey | str
+
+from ..config import AuthConfig
+from ..protocol.messages import PRIVATE
+
+HMAC: tuple[str, ...] = ("HS256", "HS384", "HS512")
+PUBLIC: tuple[str, ...] = ("RS256", "ES256")
+
+
+class TokenError(Exception):
+    """Why a token was refused, for the client's ``unauthorized`` error."""
+
+
+class KeyFileError(Exception):
+    """The public key file cannot be read or is not an RSA/EC public key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    user: str
+    channels: frozenset[str]  # the private channels the token grants
+
+
+class Verifier:
+    __slots__ = ("algorithms", "key")
+
+    def __init__(self, auth: AuthConfig) -> None:
+        self.key: Key
+        if auth.public_key is not None:
+            self.key = load_public_key(auth.public_key)
+            self.algorithms = PUBLIC
+        else:
+            self.key = auth.secret or ""
+            self.algorithms = HMAC
+
+    def verify(self, token: str) -> Grant:
+        try:
+            claims = jwt.decode(
+                token, self.key, algorithms=list(self.algorithms), options={"require": ["sub"]}
+            )
+        except jwt.ExpiredSignatureError:
+            raise TokenError("token expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise TokenError(f"invalid token: {exc}") from None
+        user = claims["sub"]
+        if not isinstance(user, str) or not 0 < len(user) <= 128 or not user.isprintable():
+            raise TokenError("invalid token: sub must be a printable string of 1-128 chars")
+        channels = claims.get("channels", [])
+        if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
+            raise TokenError("invalid token: channels must be a list of strings")
+        return Grant(user, frozenset(c for c in channels if c.startswith(PRIVATE)))
+
+
+def load_public_key(path: str) -> RSAPublicKey | EllipticCurvePublicKey:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        with open(path, "rb") as f:
+            key = load_pem_public_key(f.read())
+    except OSError as exc:
+        raise KeyFileError(f"auth.public_key {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise KeyFileError(f"auth.public_key {path}: not a PEM public key ({exc})") from None
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise KeyFileError(f"auth.public_key {path}: an RSA or EC key is needed (RS256, ES256)")
+    return key

@@ -1,0 +1,270 @@
+"""Per-connection limits: inbound rates, connections per IP and per user, slow-loris
+(read_timeout) and heartbeats. Each violation is an error event or a bye, a count in
+/api/stats and /metrics, and leaves every other connection alone."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import time
+
+from conftest import Client, wait_for
+
+
+def connect_from(port: int, source: str, welcome: bool = True) -> Client:
+    """A Client whose socket is bound to ``source`` (any 127.x.y.z is local)."""
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    client = Client.__new__(Client)
+    client.sock, client.file = sock, sock.makefile("rb")
+    client.welcome = client.recv() if welcome else {}
+    return client
+
+
+def refused(client: Client, code: str) -> dict:
+    error = client.until(lambda e: e["ev"] == "error")[-1]
+    assert error["code"] == code, error
+    assert client.closed()
+    return error
+
+
+def test_messages_over_the_rate_get_rate_limited_and_are_not_done(serve, clients):
+    server = serve("--workers", "1", "--max-connections", "1000", "--max-messages-per-second", "5")
+    client = clients(server.port())
+    for i in range(8):  # the bucket holds 5
+        client.send({"op": "ping", "id": i})
+    answers = [client.recv() for _ in range(8)]
+    assert [a["ev"] for a in answers] == ["pong"] * 5 + ["error"] * 3
+    assert {a["code"] for a in answers[5:]} == {"rate_limited"}
+    assert [a["id"] for a in answers] == list(range(8))
+    time.sleep(1.3)  # refilled
+    assert client.call({"op": "ping", "id": 9}) == {"ev": "pong", "id": 9}
+    assert server.stats()["errors"]["rate_limited"] == 3
+
+
+def test_a_flood_is_closed_after_max_bad_messages_and_others_carry_on(serve, clients):
+    server = serve(
+        "--workers",
+        "1",
+        "--max-connections",
+        "1000",
+        "--max-messages-per-second",
+        "5",
+        "--max-bad-messages",
+        "4",
+    )
+    calm = clients(server.port())
+    flooder = clients(server.port())
+    flooder.send(b'{"op":"ping"}\n' * 50)
+    events = flooder.until(lambda e: e["ev"] == "bye")
+    assert events[-1] == {"ev": "bye", "reason": "bad_input"}
+    assert sum(e["ev"] == "error" for e in events) == 4
+    assert calm.call({"op": "ping", "id": 1}) == {"ev": "pong", "id": 1}
+    assert server.stats()["closed"]["bad_input"] == 1
+
+
+def test_bytes_over_the_rate_pause_reading_and_lose_nothing(serve, clients):
+    server = serve(
+        "--workers",
+        "1",
+        "--max-messages-per-second",
+        "0",
+        "--max-bytes-per-second",
+        "65536",
+        "--read-timeout",
+        "0",
+    )
+    client = clients(server.port())
+    line = b'{"op":"ping","id":1}\n'
+    count = 400_000 // len(line)
+    started = time.monotonic()
+    client.send(line * count)
+    for _ in range(count):
+        assert client.recv() == {"ev": "pong", "id": 1}
+    # The bucket holds 64 KiB and a read may overdraw it by one chunk (<= 256 KiB):
+    # what is left takes more than a second at 64 KiB/s.
+    assert time.monotonic() - started > 1.0  # it was throttled, not refused
+    assert server.stats()["throttled"] >= 1
+
+
+def test_connections_per_ip_across_workers(serve):
+    server = serve(
+        "--workers",
+        "2",
+        "--max-connections",
+        "1000",
+        "--max-connections-per-ip",
+        "3",
+        "--limit-loopback",
+        "true",
+    )
+    port = server.port()
+    held = [connect_from(port, "127.0.0.9") for _ in range(3)]
+    fourth = connect_from(port, "127.0.0.9", welcome=False)  # the error comes instead
+    error = refused(fourth, "too_many_connections")
+    fourth.close()
+    assert "more than 3 connections from 127.0.0.9" in error["reason"]
+    other = connect_from(port, "127.0.0.10")  # another address has its own count
+    assert other.call({"op": "ping", "id": 1})["ev"] == "pong"
+    assert server.stats()["refused"]["per_ip"] == 1
+    held.pop().close()
+    wait_for(lambda: server.stats()["connections"] == 3, what="the close counted")
+    again = connect_from(port, "127.0.0.9")
+    assert again.call({"op": "ping", "id": 1})["ev"] == "pong"
+    for c in [*held, other, again]:
+        c.close()
+
+
+def test_loopback_peers_are_exempt_by_default(serve, clients):
+    server = serve("--workers", "1", "--max-connections", "1000", "--max-connections-per-ip", "2")
+    conns = [clients(server.port()) for _ in range(5)]
+    assert conns[-1].call({"op": "ping", "id": 1})["ev"] == "pong"
+
+
+def test_connections_per_user(serve, clients):
+    server = serve("--workers", "2", "--max-connections", "1000", "--max-connections-per-user", "2")
+    port = server.port()
+    for _ in range(2):
+        assert clients(port).call({"op": "hello", "user": "ann", "id": 1})["ev"] == "ok"
+    third = clients(port)
+    third.send({"op": "hello", "user": "ann", "id": 1})
+    assert "user ann has 2 connections" in refused(third, "too_many_connections")["reason"]
+    assert clients(port).call({"op": "hello", "user": "bob", "id": 1})["ev"] == "ok"
+    assert server.stats()["refused"]["per_user"] == 1
+    _, metrics = server.http("GET", "/metrics")
+    assert 'manydoors_refused_total{reason="per_user"} 1.0' in metrics
+
+
+def test_a_dead_workers_counts_are_cleared(serve):
+    server = serve(
+        "--workers",
+        "1",
+        "--max-connections",
+        "1000",
+        "--max-connections-per-ip",
+        "2",
+        "--limit-loopback",
+        "true",
+    )
+    port = server.port()
+    before = [connect_from(port, "127.0.0.12") for _ in range(2)]
+    [pid] = server.worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: server.worker_pids()[0] not in (None, pid), what="restart", timeout=20)
+    for client in before:
+        assert client.closed()
+        client.close()
+    after = [connect_from(port, "127.0.0.12") for _ in range(2)]
+    assert after[1].call({"op": "ping", "id": 1})["ev"] == "pong"
+    for client in after:
+        client.close()
+
+
+def test_a_slow_loris_is_closed_at_read_timeout(serve, clients):
+    server = serve("--workers", "1", "--max-connections", "1000", "--read-timeout", "0.6")
+    quiet = clients(server.port())  # says nothing at all: that is allowed on TCP
+    loris = clients(server.port())
+    started = time.monotonic()
+    for byte in b'{"op":"ping"':  # one byte every 0.1 s, never a newline
+        try:
+            loris.send(bytes([byte]))
+        except OSError:
+            break
+        time.sleep(0.1)
+    error = refused(loris, "read_timeout")
+    assert "within 0.6 s" in error["reason"]
+    assert time.monotonic() - started < 3
+    assert quiet.call({"op": "ping", "id": 1})["ev"] == "pong"
+    assert server.stats()["closed"]["read_timeout"] == 1
+
+
+def test_an_unfinished_websocket_handshake_is_closed_at_read_timeout(serve):
+    server = serve(
+        "--workers",
+        "1",
+        "--max-connections",
+        "1000",
+        "--protocol",
+        "websocket",
+        "--read-timeout",
+        "0.5",
+    )
+    sock = socket.create_connection(("127.0.0.1", server.port()), timeout=10)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+    answer = b""
+    while chunk := sock.recv(4096):
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout")
+    assert b'"code":"read_timeout"' in answer
+    sock.close()
+    assert server.stats()["closed"]["read_timeout"] == 1
+
+
+def test_heartbeat_pings_quiet_connections_and_closes_silent_ones(serve, clients):
+    server = serve(
+        "--workers",
+        "1",
+        "--max-connections",
+        "1000",
+        "--ping-interval",
+        "0.5",
+        "--ping-timeout",
+        "0.5",
+    )
+    answering = clients(server.port())
+    silent = clients(server.port())
+    deadline = time.monotonic() + 3
+    pings = 0
+    while time.monotonic() < deadline:  # answer every ping for 3 s: 6 ping intervals
+        if select.select([answering.sock], [], [], 0.1)[0]:  # pings come 0.5 s apart
+            assert answering.recv() == {"ev": "ping"}
+            answering.send({"op": "pong"})
+            pings += 1
+    assert pings >= 3
+    assert silent.recv() == {"ev": "ping"}
+    assert silent.recv() == {"ev": "bye", "reason": "ping_timeout"}
+    assert silent.closed()
+    assert answering.call({"op": "ping", "id": 1})["ev"] == "pong"
+    stats = server.stats()
+    assert stats["closed"]["ping_timeout"] == 1 and stats["pings"] >= 5
+
+
+def test_a_peer_that_stops_reading_and_answering_is_closed(serve):
+    """A half-open peer as the server sees it: nothing comes back, whatever is sent."""
+    server = serve(
+        "--workers",
+        "1",
+        "--max-connections",
+        "1000",
+        "--ping-interval",
+        "0.3",
+        "--ping-timeout",
+        "0.3",
+    )
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port()))
+    sock.sendall(b'{"op":"sub","channel":"news"}\n')
+    wait_for(lambda: server.stats()["closed"]["ping_timeout"] == 1, what="closed", timeout=10)
+    wait_for(lambda: server.stats()["connections"] == 0, what="released")
+    sock.close()
+
+
+def test_accepted_sockets_have_keepalive(serve, clients):
+    server = serve("--workers", "1", "--max-connections", "1000")
+    client = clients(server.port())
+    client.call({"op": "ping", "id": 1})
+
+    def timers() -> str:  # ss shows the running timer: keepalive once the pong is acked
+        cmd = ["ss", "-tnoH", "state", "established", f"( sport = :{server.port()} )"]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        return out if "keepalive" in out else ""
+
+    # TCP_KEEPIDLE 60 s (the kernel's default is 2 hours)
+    assert re.search(r"timer:\(keepalive,(1min|5\dsec)", wait_for(timers, what="keepalive"))
