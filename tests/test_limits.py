@@ -12,6 +12,8 @@ import socket
 import subprocess
 import time
 
+import jwt
+
 from conftest import Client, wait_for
 
 
@@ -127,18 +129,33 @@ def test_loopback_peers_are_exempt_by_default(serve, clients):
     assert conns[-1].call({"op": "ping", "id": 1})["ev"] == "pong"
 
 
-def test_connections_per_user(serve, clients):
-    server = serve("--workers", "2", "--max-connections", "1000", "--max-connections-per-user", "2")
+def test_connections_per_user_with_tokens(serve, clients):
+    secret = "s" * 32
+    server = serve(
+        "--workers", "2", "--max-connections", "1000", "--max-connections-per-user", "2",
+        "--auth-mode", "token", env={"MANYDOORS_AUTH_SECRET": secret},
+    )  # fmt: skip
     port = server.port()
+
+    def hello(user: str) -> dict:
+        return {"op": "hello", "token": jwt.encode({"sub": user}, secret), "id": 1}
+
     for _ in range(2):
-        assert clients(port).call({"op": "hello", "user": "ann", "id": 1})["ev"] == "ok"
+        assert clients(port).call(hello("ann"))["ev"] == "ok"
     third = clients(port)
-    third.send({"op": "hello", "user": "ann", "id": 1})
+    third.send(hello("ann"))
     assert "user ann has 2 connections" in refused(third, "too_many_connections")["reason"]
-    assert clients(port).call({"op": "hello", "user": "bob", "id": 1})["ev"] == "ok"
+    assert clients(port).call(hello("bob"))["ev"] == "ok"
     assert server.stats()["refused"]["per_user"] == 1
     _, metrics = server.http("GET", "/metrics")
     assert 'manydoors_refused_total{reason="per_user"} 1.0' in metrics
+
+
+def test_without_tokens_a_user_name_is_not_limited(serve, clients):
+    # Anyone may claim any name: a limit would let anyone lock a user out.
+    server = serve("--workers", "1", "--max-connections", "1000", "--max-connections-per-user", "1")
+    for _ in range(3):
+        assert clients(server.port()).call({"op": "hello", "user": "ann", "id": 1})["ev"] == "ok"
 
 
 def test_a_dead_workers_counts_are_cleared(serve):

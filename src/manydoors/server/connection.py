@@ -47,7 +47,9 @@ from ..protocol.websocket import Ping as WsPing
 if TYPE_CHECKING:
     from .worker import Worker
 
-_SLOTS = ("channels", "ipb", "mark", "slow", "strikes", "transport", "user")
+# Each slot is 8 bytes of every connection, and objects come in 16-byte size classes:
+# with the framer's slot, 8 slots fill the 112-byte class; one more costs 16 bytes.
+_SLOTS = ("channels", "got", "ipb", "mark", "sent", "transport", "user")
 
 
 class Connection(asyncio.Protocol):
@@ -62,22 +64,23 @@ class Connection(asyncio.Protocol):
     transport: asyncio.Transport | None
     user: str | None
     channels: str | tuple[str, ...]
-    strikes: int  # consecutive bad messages
-    slow: bool  # write buffer over the cap: new messages are dropped (or it is closed)
     # The worker's tick when the last message was completed, or (if later) the tick
     # when the message being received began: the heartbeat and read_timeout clock.
     # Ticks are shared int objects, so this costs the slot and nothing more.
     mark: int
     ipb: int | None  # bucket counting this peer against max_connections_per_ip
+    # Messages and bytes received since the last sweep (the rate limits' buckets);
+    # small ints are shared objects, so an idle connection pays only the slots.
+    sent: int
+    got: int
 
     def _init_state(self) -> None:
         self.transport = None
         self.user = None
         self.channels = ()
-        self.strikes = 0
-        self.slow = False
         self.mark = self.worker.tick
         self.ipb = None
+        self.sent = self.got = 0
 
     @property
     def reading(self) -> bool:
@@ -89,13 +92,13 @@ class Connection(asyncio.Protocol):
         self.worker.release(self)
 
     def pause_writing(self) -> None:
-        self.slow = True
+        self.worker.slow.add(self)
         if self.worker.slow_disconnect:
             # Called from inside a write (often mid fan-out): close after it returns.
             asyncio.get_running_loop().call_soon(self.worker.close_slow, self)
 
     def resume_writing(self) -> None:
-        self.slow = False
+        self.worker.slow.discard(self)
 
     def handle(self, message: bytes) -> None:
         """One complete client message (a line, or a text frame's payload)."""
@@ -106,11 +109,13 @@ class Connection(asyncio.Protocol):
         except ProtocolError as exc:
             self.reject(exc)
             return
-        if worker.rate_limited(self):
+        self.sent = sent = self.sent + 1
+        if sent > worker.msgs_per_tick:
             reason = f"more than {worker.spec.service.max_messages_per_second:g} messages/s"
             self.reject(ProtocolError("rate_limited", reason, getattr(op, "id", None)))
             return
-        self.strikes = 0
+        if worker.strikes:
+            worker.strikes.pop(self, None)
         worker.count_in()
         if (
             self.user is None
@@ -145,8 +150,8 @@ class Connection(asyncio.Protocol):
         worker = self.worker
         worker.count_error(exc.code)
         self.write(error_line(exc.code, exc.reason, exc.op_id))
-        self.strikes += 1
-        if self.strikes >= worker.max_bad_messages:
+        strikes = worker.strikes[self] = worker.strikes.get(self, 0) + 1
+        if strikes >= worker.max_bad_messages:
             worker.close(self, "bad_input")
 
     def write(self, line: bytes) -> None:
@@ -182,8 +187,9 @@ class TcpConnection(LineFramer, Connection):
         worker = self.worker
         if self._partial == b"":
             self.mark = worker.tick  # a new message begins
-        if worker.byte_rate:
-            worker.spend_bytes(self, len(data))
+        self.got = got = self.got + len(data)
+        if got > worker.bytes_per_tick:
+            worker.throttle(self)
         for line in self.feed_lines(data, worker.max_message_bytes):
             if self.transport is None:
                 return  # closed while handling an earlier line
@@ -231,8 +237,9 @@ class WsConnection(WsFrameParser, Connection):
         worker = self.worker
         if self.head is None and self._buf == b"" and self._frag is None:
             self.mark = worker.tick  # a new frame begins
-        if worker.byte_rate:
-            worker.spend_bytes(self, len(data))
+        self.got = got = self.got + len(data)
+        if got > worker.bytes_per_tick:
+            worker.throttle(self)
         if self.head is not None:
             request = self.head + data
             try:

@@ -7,10 +7,13 @@ worker counts its own connections in its own row, so nobody needs a lock (each c
 has one writer) and a bucket's total is one slice (rows are interleaved: a bucket's
 cells are contiguous).
 
-Two keys can share a bucket, so a limit may refuse early, never late: with 65,536
-buckets, a million connections from a million addresses put ~15 in a bucket, far
-below the default limits (1,000 per IP, 100 per user). A dead worker's row is zeroed
-by the supervisor, as its connections are gone.
+Two keys can share a bucket, so a limit may refuse early, never late: a million
+connections from a million addresses put ~61 in each of the 16,384 IP buckets (the
+limit is 1,000), a million users ~15 in each of the 65,536 user buckets (the limit
+is 100). A dead worker's row is zeroed by the supervisor, as its connections are gone.
+
+Memory: 4 bytes x buckets x workers per table, shared (PSS); but a worker that reads
+a bucket maps its page, so a busy worker's RSS grows by up to the whole table.
 """
 
 from __future__ import annotations
@@ -19,29 +22,30 @@ import ipaddress
 import zlib
 from typing import Final
 
-BUCKETS: Final = 1 << 16
-_MASK: Final = BUCKETS - 1
+IP_BUCKETS: Final = 1 << 14
+USER_BUCKETS: Final = 1 << 16
 # Bucket numbers as shared int objects: a connection keeps its IP's bucket in a slot,
 # and above 256 every int would otherwise be a 28-byte object of its own.
-_BUCKET_INTS: Final = tuple(range(BUCKETS))
+_BUCKET_INTS: Final = tuple(range(IP_BUCKETS))
 
 
 class CountTable:
-    """A service's per-bucket connection counts: ``rows`` workers x BUCKETS int32."""
+    """A service's per-bucket connection counts: ``rows`` workers x ``buckets`` int32."""
 
-    __slots__ = ("mv", "row", "rows")
+    __slots__ = ("buckets", "mv", "row", "rows")
 
-    def __init__(self, buffer: memoryview, rows: int, row: int = 0) -> None:
+    def __init__(self, buffer: memoryview, buckets: int, rows: int, row: int = 0) -> None:
         self.mv = buffer.cast("B").cast("i")
+        self.buckets = buckets
         self.rows = rows
         self.row = row  # the worker's own row: the only one it writes
-        if len(self.mv) < rows * BUCKETS:
+        if len(self.mv) < rows * buckets:
             raise ValueError("count table buffer too small")
 
     @staticmethod
-    def size(rows: int) -> int:
+    def size(buckets: int, rows: int) -> int:
         """Bytes of shared memory a table of ``rows`` workers needs."""
-        return rows * BUCKETS * 4
+        return rows * buckets * 4
 
     def total(self, bucket: int) -> int:
         start = bucket * self.rows
@@ -51,8 +55,22 @@ class CountTable:
         self.mv[bucket * self.rows + self.row] += n
 
     def clear_row(self, row: int) -> None:
-        rows = self.rows
-        self.mv[row::rows] = memoryview(bytes(BUCKETS * 4)).cast("i")
+        self.mv[row :: self.rows] = memoryview(bytes(self.buckets * 4)).cast("i")
+
+
+def shared_bytes(rows: int) -> int:
+    """Size of the shared buffer that holds a service's IP table, then its user table."""
+    return CountTable.size(IP_BUCKETS, rows) + CountTable.size(USER_BUCKETS, rows)
+
+
+def tables(buffer: memoryview, rows: int, row: int = 0) -> tuple[CountTable, CountTable]:
+    """The IP and user tables in a buffer of ``shared_bytes(rows)``, as seen by ``row``."""
+    whole = buffer.cast("B")
+    split = CountTable.size(IP_BUCKETS, rows)
+    return (
+        CountTable(whole[:split], IP_BUCKETS, rows, row),
+        CountTable(whole[split:], USER_BUCKETS, rows, row),
+    )
 
 
 def ip_bucket(ip: str) -> int:
@@ -64,11 +82,11 @@ def ip_bucket(ip: str) -> int:
             key = ip.encode()
     else:
         key = ip.encode()
-    return _BUCKET_INTS[zlib.crc32(key) & _MASK]
+    return _BUCKET_INTS[zlib.crc32(key) & (IP_BUCKETS - 1)]
 
 
 def user_bucket(user: str) -> int:
-    return zlib.crc32(user.encode()) & _MASK
+    return zlib.crc32(user.encode()) & (USER_BUCKETS - 1)
 
 
 def is_loopback(ip: str) -> bool:

@@ -37,7 +37,7 @@ from ..broker.local import LocalBroker
 from ..config import Config, ServiceConfig
 from ..protocol.ipc import Kind
 from ..protocol.messages import ERROR_CODES
-from .limits import CountTable
+from .limits import shared_bytes, tables
 from .link import Link
 from .stats import CLOSED, REFUSED, StatsTable
 from .tls import TlsError, server_context
@@ -213,8 +213,9 @@ class Supervisor:
             table = StatsTable(memoryview(buffer), count)
             slots = [Slot(i, s) for i, s in enumerate(sockets)]
             counts = None
-            if service.max_connections_per_ip or service.max_connections_per_user:
-                counts = self.ctx.RawArray(ctypes.c_ubyte, 2 * CountTable.size(count))
+            per_user = service.max_connections_per_user and self.config.auth.mode == "token"
+            if service.max_connections_per_ip or per_user:
+                counts = self.ctx.RawArray(ctypes.c_ubyte, shared_bytes(count))
             self.pools.append(Pool(service, port, slots, table, buffer, counts=counts))
             self.say(
                 f"{service.name} {service.host}:{port} backlog {service.backlog}: "
@@ -276,10 +277,8 @@ class Supervisor:
             slot.link = None
         pool.retired.update(pool.table.clear_row(slot.index))
         if pool.counts is not None:  # its connections are gone, and so are their counts
-            whole = memoryview(pool.counts).cast("B")
-            size = CountTable.size(len(pool.slots))
-            for part in (whole[:size], whole[size:]):
-                CountTable(part, len(pool.slots)).clear_row(slot.index)
+            for table in tables(memoryview(pool.counts), len(pool.slots)):
+                table.clear_row(slot.index)
         pool.retired["connections"] = 0  # a gauge, not a counter
         slot.process = None
         if self.stopping:

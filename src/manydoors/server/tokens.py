@@ -4,14 +4,15 @@
 (names starting with ``$``) the user may subscribe and publish to; ``exp`` (and
 ``nbf``) are honoured when present. Verification is PyJWT's: HMAC with the
 configured secret, or RS256 / ES256 with the configured public key.
+
+PyJWT (and cryptography under it: megabytes) is imported only when a Verifier is
+made, so workers of a server without tokens do not carry it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-import jwt
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
@@ -41,9 +42,12 @@ class Grant:
 
 
 class Verifier:
-    __slots__ = ("algorithms", "key")
+    __slots__ = ("algorithms", "jwt", "key")
 
     def __init__(self, auth: AuthConfig) -> None:
+        import jwt
+
+        self.jwt = jwt
         self.key: Key
         if auth.public_key is not None:
             self.key = load_public_key(auth.public_key)
@@ -53,6 +57,7 @@ class Verifier:
             self.algorithms = HMAC
 
     def verify(self, token: str) -> Grant:
+        jwt = self.jwt
         try:
             claims = jwt.decode(
                 token, self.key, algorithms=list(self.algorithms), options={"require": ["sub"]}

@@ -52,7 +52,7 @@ from ..protocol.websocket import encode_close, text_header
 from . import tls
 from .connection import Connection, TcpConnection, WsConnection
 from .hub import Hub, channels_of
-from .limits import CountTable, ip_bucket, is_loopback, user_bucket
+from .limits import CountTable, ip_bucket, is_loopback, tables, user_bucket
 from .link import Link
 from .stats import CLOSED, COL, CONNECTIONS, REFUSED, StatsTable
 from .tokens import TokenError, Verifier
@@ -102,7 +102,9 @@ class Worker:
         # The private channels each token-holding connection may use (only those).
         self.grants: dict[Connection, frozenset[str]] = {}
         self.per_ip = svc.max_connections_per_ip
-        self.per_user = svc.max_connections_per_user
+        # Without tokens a user name is a label anyone may claim: a per-user limit
+        # would let anyone lock a user out, so it applies in auth mode "token" only.
+        self.per_user = svc.max_connections_per_user if self.verifier is not None else 0
         self.ip_counts: CountTable | None = None  # shared with the service's workers
         self.user_counts: CountTable | None = None
         # Timeouts run on a clock of ticks: every ``tick_s`` one sweep looks at every
@@ -121,12 +123,19 @@ class Worker:
         # the WebSocket handshake; appended in tick order, so each is a queue.
         self.hello_due: deque[tuple[int, Connection]] = deque()
         self.handshake_due: deque[tuple[int, Connection]] = deque()
-        # Token buckets [messages, bytes, paused] of connections that sent lately;
-        # a connection with full buckets has no entry, so idle ones cost nothing.
-        self.msg_rate = svc.max_messages_per_second or float("inf")
-        self.byte_rate = svc.max_bytes_per_second
-        self.byte_burst = float(self.byte_rate or "inf")
-        self.budgets: dict[Connection, list[float]] = {}
+        # Rate limits as token buckets refilled whole at every tick: a connection
+        # counts what it sent since the last sweep (``sent``, ``got``), the sweep
+        # zeroes the counts. Reading of a connection over its bytes pauses until then.
+        rate, byte_rate = svc.max_messages_per_second, svc.max_bytes_per_second
+        self.msgs_per_tick = max(1, round(rate * tick_s)) if rate else 1 << 62
+        self.bytes_per_tick = max(1, round(byte_rate * tick_s)) if byte_rate else 1 << 62
+        self.paused: set[Connection] = set()
+        # Readers over max_outbound_bytes: new messages for them are dropped (or they
+        # are closed). Few at any time, so a set here rather than a flag in every one.
+        self.slow: set[Connection] = set()
+        # Consecutive bad messages of the connections that sent one lately: rare, so
+        # kept here rather than in a slot of every connection.
+        self.strikes: dict[Connection, int] = {}
         self.websocket = svc.protocol == "websocket"
         self.conn_class: type[Connection] = WsConnection if self.websocket else TcpConnection
         self.conn_class = tls.connection_class(svc, self.conn_class)
@@ -246,7 +255,9 @@ class Worker:
             self.ip_counts.add(conn.ipb, -1)
         if conn.user is not None and self.user_counts is not None:
             self.user_counts.add(user_bucket(conn.user), -1)
-        self.budgets.pop(conn, None)
+        self.paused.discard(conn)
+        self.slow.discard(conn)
+        self.strikes.pop(conn, None)
         self.grants.pop(conn, None)
         link = self.link
         if link is not None:
@@ -274,7 +285,7 @@ class Worker:
 
     def close_slow(self, conn: Connection) -> None:
         """Give up on a reader over its outbound cap (the bye reaches it only if it reads)."""
-        if conn.slow:
+        if conn in self.slow:
             self.close(conn, "slow")
 
     def goodbye(self, reason: str) -> bytes:
@@ -308,49 +319,15 @@ class Worker:
         conn.write(error_line("forbidden", f"channel {channel} is private: it {why}", op_id))
         return True
 
-    # --- inbound rate ----------------------------------------------------------------
+    def throttle(self, conn: Connection) -> None:
+        """Over max_bytes_per_second: stop reading it until the next sweep.
 
-    def _budget(self, conn: Connection) -> list[float]:
-        budget = self.budgets.get(conn)
-        if budget is None:
-            budget = self.budgets[conn] = [self.msg_rate, self.byte_burst, 0.0]
-        return budget
-
-    def rate_limited(self, conn: Connection) -> bool:
-        """Take one message from the connection's bucket; True when it is empty."""
-        if self.msg_rate == float("inf"):
-            return False
-        budget = self._budget(conn)
-        if budget[0] < 1:
-            return True
-        budget[0] -= 1
-        return False
-
-    def spend_bytes(self, conn: Connection, n: int) -> None:
-        """Take received bytes from the bucket; pause reading when it runs dry.
-
-        Pausing is TCP flow control: the client's sends block, nothing is lost, and
-        the sweep resumes reading once the bucket has refilled.
+        This is TCP flow control: the client's sends block, nothing is lost.
         """
-        budget = self._budget(conn)
-        budget[1] -= n
-        transport = conn.transport
-        if budget[1] < 0 and not budget[2] and transport is not None:
-            budget[2] = 1.0
-            transport.pause_reading()
+        if conn not in self.paused and conn.transport is not None:
+            conn.transport.pause_reading()
+            self.paused.add(conn)
             self.mv[self.i_throttled] += 1
-
-    def refill(self) -> None:
-        msg_rate, byte_rate, burst = self.msg_rate, self.byte_rate, self.byte_burst
-        for conn, budget in list(self.budgets.items()):
-            budget[0] = min(msg_rate, budget[0] + msg_rate * self.tick_s)
-            budget[1] = min(burst, budget[1] + byte_rate * self.tick_s)
-            if budget[2] and budget[1] >= 0:
-                budget[2] = 0.0
-                if conn.transport is not None:
-                    conn.transport.resume_reading()
-            if budget[0] >= msg_rate and budget[1] >= burst:
-                del self.budgets[conn]
 
     # --- timeouts --------------------------------------------------------------------
 
@@ -360,10 +337,12 @@ class Worker:
             self.sweep()
 
     def sweep(self) -> None:
-        """One tick: refill rate buckets, then close or ping whoever is due."""
+        """One tick: refill the rate buckets, close or ping whoever is due."""
         self.tick = now = self.tick + 1
-        if self.budgets:
-            self.refill()
+        for conn in self.paused:
+            if conn.transport is not None:
+                conn.transport.resume_reading()
+        self.paused.clear()
         for due in (self.hello_due, self.handshake_due):
             while due and due[0][0] <= now:
                 conn = due.popleft()[1]
@@ -379,11 +358,13 @@ class Worker:
         dead = ping_at - self.pong_ticks
         stalled = now - self.read_ticks if self.read_ticks else -1
         newest = max(ping_at, stalled)  # no connection with a later mark is due
-        if newest < 0:
-            return
         late: list[tuple[Connection, str]] = []
         pinged = 0
         for conn in self.hub.conns:
+            if conn.sent:
+                conn.sent = 0
+            if conn.got:
+                conn.got = 0
             mark = conn.mark
             if mark > newest:
                 continue
@@ -629,11 +610,12 @@ class Worker:
     def fanout(self, members: Iterable[Connection], line: bytes) -> None:
         # The hot loop of a broadcast: one write of the same bytes per recipient.
         sent = dropped = 0
+        slow = self.slow
         for conn in members:
             transport = conn.transport
             if transport is None:
                 continue
-            if conn.slow:
+            if slow and conn in slow:
                 dropped += 1
             else:
                 transport.write(line)
@@ -754,11 +736,8 @@ def worker_main(
     # rarely.
     gc.set_threshold(*GC_THRESHOLDS)
     worker = Worker(spec, stats)
-    if counts_buffer is not None:  # [ip table | user table], see limits.py
-        svc, size = spec.service, CountTable.size(spec.rows)
-        whole = memoryview(counts_buffer).cast("B")
-        if svc.max_connections_per_ip:
-            worker.ip_counts = CountTable(whole[:size], spec.rows, spec.slot)
-        if svc.max_connections_per_user:
-            worker.user_counts = CountTable(whole[size:], spec.rows, spec.slot)
+    if counts_buffer is not None:
+        ip_counts, user_counts = tables(memoryview(counts_buffer), spec.rows, spec.slot)
+        worker.ip_counts = ip_counts if worker.per_ip else None
+        worker.user_counts = user_counts if worker.per_user else None
     uvloop.run(worker.run(listen_sock, link_sock))
