@@ -1,0 +1,501 @@
+"""manydoors against its peers, side by side, in one run.
+
+    ./run bench peers [--connections 100000] [--peers NAME,NAME] [--rate 20000]
+                      [--broadcasts 3] [--messages 50000] [--peer-workers N] [--no-cap]
+
+Runs each server in turn on this machine (names: ``manydoors-tcp manydoors-ws asyncio
+uvloop websockets node-ws aiohttp``; the peers are in ``bench/peers/``), every one
+with listen backlog 4096, no keepalive pings and no per-connection rate limits
+(manydoors' are turned off), and for each:
+
+1. reads the RSS, PSS and CPU time of all the server's processes at rest (the
+   baseline) and how many connections its serving processes can hold: RLIMIT_NOFILE
+   is per process, so a single-process peer is asked for only what its fd limit holds
+   and its row says so (``--no-cap`` asks anyway: the ramp then stalls and, after 60 s
+   without progress, the row records where);
+2. runs ``manydoors load`` with the same flags (every connection says hello and
+   subscribes to one channel, then ``--broadcasts`` messages go through the server's
+   HTTP publish call, each carrying its send time). The API URL the load generator
+   gets is a proxy in this script: at the first publish, every connection held and
+   subscribed, it reads the server's RSS and CPU, stamps the send time afresh (so the
+   reading is not latency) and forwards the call; the load generator's line for the
+   last message ends the CPU count of the broadcasts;
+3. once the server has closed those connections, measures 1:1 throughput: one client
+   publishes as fast as it can to a channel with one subscriber (as
+   ``bench/publish_rate.py``), over TCP or WebSocket as the server speaks;
+4. stops the server: SIGTERM, then SIGKILL of any process of its tree still there.
+
+Figures: user-space memory per connection = growth of the RSS summed over all the
+server's processes / connections held; accept rate and connect p99 from the load
+report; per broadcast, time until the last recipient had it, deliveries/s and p99
+latency; 1:1 messages/s; server CPU seconds (user + system, all processes) per
+million deliveries. Load generator and server share the machine's cores. Writes
+bench/results/peers.json (``--name``) and prints the Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from _common import machine, save, server
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peers"))
+from _drive import LoadRun, Proxy, one_to_one, run_load
+from _procs import Reaper, Usage, fd_room, nofile, open_fds, usage
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEERS_DIR = os.path.join(HERE, "peers")
+NODE_DIR = os.path.join(PEERS_DIR, "node_ws")
+FD_RESERVE = 64  # fds a process keeps beside its connections (manydoors' default)
+
+
+@dataclass(frozen=True)
+class Peer:
+    label: str
+    ws: bool
+    processes: str  # how it uses processes, for the table ({holders}: serving processes)
+    script: str | None = None  # bench/peers/SCRIPT (None: manydoors itself)
+    node: bool = False
+
+
+_MANYDOORS = (
+    "supervisor (broker, API), {holders} SO_REUSEPORT workers, fork server, resource tracker"
+)
+_SINGLE = "single process, {why}"
+PEERS: dict[str, Peer] = {
+    "manydoors-tcp": Peer("manydoors, TCP service", False, _MANYDOORS),
+    "manydoors-ws": Peer("manydoors, WebSocket service", True, _MANYDOORS),
+    "asyncio": Peer(
+        "asyncio streams, NDJSON",
+        False,
+        _SINGLE.format(why="asyncio has no multi-process mode"),
+        "asyncio_streams.py",
+    ),
+    "uvloop": Peer(
+        "uvloop asyncio.Protocol, NDJSON",
+        False,
+        _SINGLE.format(why="uvloop has no multi-process mode"),
+        "uvloop_protocol.py",
+    ),
+    "websockets": Peer(
+        "websockets 'broadcast()'",
+        True,
+        _SINGLE.format(why="no multi-process mode (its docs: a broker between processes)"),
+        "websockets_server.py",
+    ),
+    "node-ws": Peer(
+        "Node.js ws", True, "cluster: primary (API, relay) + {holders} workers", node=True
+    ),
+    "aiohttp": Peer(
+        "aiohttp WebSocket",
+        True,
+        _SINGLE.format(why="gunicorn's aiohttp workers share no broadcast"),
+        "aiohttp_server.py",
+    ),
+}
+
+# manydoors' limits for a public server are off: the peers have none, and the 1:1
+# publisher would be throttled (max_messages_per_second) and the heartbeat would ping
+# idle connections (the peers' keepalives are off too).
+MANYDOORS_FLAGS = (
+    "--max-messages-per-second",
+    "0",
+    "--max-bytes-per-second",
+    "0",
+    "--ping-interval",
+    "0",
+)
+
+
+# --- a server under test ----------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    port: int
+    api: str
+    reaper: Reaper
+    holders: list[int]  # the processes that hold the connections
+    proc: subprocess.Popen[bytes]
+
+    def pids(self) -> list[int]:
+        return self.reaper.look()
+
+
+def _read_ready(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if ready else b""
+    if not line:
+        raise RuntimeError(f"the peer did not start (exit {proc.poll()})")
+    return dict(json.loads(line))
+
+
+def _stop(proc: subprocess.Popen[bytes], reaper: Reaper, timeout: float) -> None:
+    reaper.look()
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.5)  # children exit once their parent is gone: give them a moment
+    killed = reaper.kill_leftovers()
+    if killed:
+        print(f"peers: killed leftover processes {killed}", file=sys.stderr)
+
+
+def _node_ready() -> str | None:
+    """Why the Node peer cannot run, or None; runs ``npm install`` once."""
+    if not shutil.which("node") or not shutil.which("npm"):
+        return "node/npm not installed (apt-get install -y nodejs npm)"
+    if not os.path.isdir(os.path.join(NODE_DIR, "node_modules", "ws")):
+        cmd = ["npm", "install", "--no-audit", "--no-fund", "--silent"]
+        if subprocess.run(cmd, cwd=NODE_DIR, check=False).returncode != 0:
+            return "npm install failed in bench/peers/node_ws"
+    return None
+
+
+@contextlib.contextmanager
+def running(peer: Peer, n: int, workers: int, log: str) -> Iterator[Target]:
+    """The server of ``peer`` on free ports; every process of it stopped afterwards."""
+    if peer.script is None and not peer.node:
+        flags = ["--max-connections", str(n), *MANYDOORS_FLAGS]
+        flags += ["--protocol", "websocket"] if peer.ws else []
+        with server(*flags) as srv:
+            target = Target(srv.port, srv.api, Reaper(srv.proc.pid), srv.worker_pids(), srv.proc)
+            target.pids()
+            try:
+                yield target
+            finally:
+                target.pids()  # remember the tree before the context stops the server
+        time.sleep(0.5)
+        target.reaper.kill_leftovers()
+        return
+    if peer.node:
+        cmd = ["node", os.path.join(NODE_DIR, "server.js"), "--workers", str(workers)]
+    else:
+        cmd = [sys.executable, os.path.join(PEERS_DIR, str(peer.script))]
+    cmd += ["--host", "127.0.0.1", "--port", "0", "--api-port", "0"]
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
+    reaper = Reaper(proc.pid)
+    try:
+        info = _read_ready(proc, 60)
+        api = f"http://127.0.0.1:{info['api_port']}"
+        target = Target(info["port"], api, reaper, list(info["workers"]), proc)
+        target.pids()
+        yield target
+    finally:
+        _stop(proc, reaper, 15)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+# --- one server, all figures --------------------------------------------------------------
+
+
+def measure(key: str, peer: Peer, args: argparse.Namespace, workdir: str) -> dict[str, Any]:
+    n = args.connections
+    per_process = os.sysconf("SC_OPEN_MAX") - FD_RESERVE
+    workers = args.peer_workers or max(os.cpu_count() or 1, math.ceil(n * 1.05 / per_process))
+    row: dict[str, Any] = {"peer": key, "server": peer.label, "ws": peer.ws, "notes": []}
+    if peer.node:
+        why = _node_ready()
+        if why:
+            row["error"] = why
+            return row
+    log = os.path.join(workdir, f"{key}.stderr")
+    with running(peer, n, workers, log) as target:
+        pids = target.pids()
+        base = usage(pids)
+        base_fds = open_fds(target.holders)
+        room = min(fd_room(pid) for pid in target.holders) * len(target.holders)
+        manydoors = peer.script is None and not peer.node
+        asked = n if manydoors or args.no_cap else min(n, room)
+        row["processes"] = {
+            "total": base.processes,
+            "holding_connections": len(target.holders),
+            "mode": peer.processes.format(holders=len(target.holders)),
+        }
+        row["baseline"] = {"rss_bytes": base.rss, "pss_bytes": base.pss}
+        row["connections"] = {"asked": n, "requested": asked}
+        if asked < n:
+            row["connections"]["capped_by"] = (
+                f"what {len(target.holders)} serving process(es) hold under RLIMIT_NOFILE "
+                f"{nofile(target.holders[0]):,} per process"
+            )
+        snaps: dict[str, Usage] = {}
+        stalled_ready: list[int] = []
+
+        def on_publish(count: int) -> None:
+            if count == 1:
+                snaps["held"] = usage(target.pids())
+
+        def on_round(number: int) -> None:
+            if number == args.broadcasts:
+                snaps["broadcasts_done"] = usage(target.pids())
+
+        def before_stop(run: LoadRun) -> None:
+            if "held" not in snaps and run.progress:
+                snaps["held"] = usage(target.pids())
+                stalled_ready.append(run.progress[1])
+
+        proxy = Proxy(target.api, on_publish)
+        report_path = os.path.join(workdir, f"{key}-load.json")
+        flags = [
+            *(["--ws"] if peer.ws else []),
+            *("--target", f"127.0.0.1:{target.port}", "--connections", str(asked)),
+            *("--rate", str(args.rate), "--subscribe", "veg", "--api", proxy.url),
+            *("--broadcasts", str(args.broadcasts), "--delivery-timeout", "60"),
+            *("--report", report_path),
+        ]
+        timeout = 180 + asked / 500 + args.broadcasts * 65
+        try:
+            run = run_load(flags, timeout, on_round, before_stop, key)
+        finally:
+            proxy.close()
+        row["load_exit"] = run.code
+        if run.stopped:
+            row["notes"].append(f"load {run.stopped}")
+        if target.proc.poll() is not None:
+            row["notes"].append(f"server exited ({target.proc.returncode}) during the load")
+        report: dict[str, Any] = {}
+        if os.path.exists(report_path):
+            with open(report_path) as f:
+                report = json.load(f)
+        elif not run.stopped:
+            row["notes"].append("the load generator wrote no report: " + " / ".join(run.tail[-3:]))
+        figures(row, report, base, snaps, stalled_ready)
+        if target.proc.poll() is None:
+            row["one_to_one"] = one_to_one_at_rest(target, peer.ws, base_fds, args.messages)
+        died = target.proc.poll() is not None
+    if os.path.exists(log):
+        with open(log, "rb") as errlog:
+            text = errlog.read().decode("latin-1")
+        if "Too many open files" in text or "EMFILE" in text:
+            row["notes"].append("the server logged EMFILE (Too many open files)")
+        if died:
+            row["notes"].append(f"server exited ({target.proc.returncode}): {text[-500:]}")
+    return row
+
+
+def one_to_one_at_rest(target: Target, ws: bool, base_fds: int, n: int) -> dict[str, Any]:
+    """1:1 throughput and its server CPU, once the load's connections are closed."""
+    deadline = time.monotonic() + 120
+    while open_fds(target.holders) > base_fds + 16 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    before = usage(target.pids())
+    try:
+        rate = one_to_one(target.port, ws, n, 60 + n / 1000)
+    except (OSError, RuntimeError, ValueError) as exc:
+        return {"error": repr(exc)}
+    after = usage(target.pids())
+    if rate["received"]:
+        rate["cpu_s"] = round(after.cpu_s - before.cpu_s, 2)
+        rate["cpu_s_per_million"] = round(rate["cpu_s"] / rate["received"] * 1e6, 1)
+    return rate
+
+
+def figures(
+    row: dict[str, Any],
+    report: dict[str, Any],
+    base: Usage,
+    snaps: dict[str, Usage],
+    stalled_ready: list[int],
+) -> None:
+    """The row's figures from the load report and the server readings."""
+    deliveries = report.get("deliveries", [])
+    conns = report.get("connections", {})
+    held = deliveries[0]["expected"] if deliveries else conns.get("peak", 0)
+    if not report and stalled_ready:
+        held = stalled_ready[0]  # subscribed when the ramp stalled
+    row["connections"].update(
+        {"held": held, "peak": conns.get("peak"), "final": conns.get("final")}
+    )
+    row["errors"] = report.get("errors", {})
+    row["accept"] = {
+        "rate_per_s": report.get("rate_achieved"),
+        "connect_ms": report.get("connect_ms"),
+    }
+    row["broadcast"] = [
+        {
+            "n": d["n"],
+            "expected": d["expected"],
+            "received": d["received"],
+            "time_to_all_ms": d["max_ms"],
+            "per_second": d["per_second"],
+            "p50_ms": d["p50_ms"],
+            "p99_ms": d["p99_ms"],
+        }
+        for d in deliveries
+    ]
+    if "held" in snaps and held:
+        grown = snaps["held"].rss - base.rss
+        row["memory"] = {
+            "rss_bytes": snaps["held"].rss,
+            "pss_bytes": snaps["held"].pss,
+            "rss_growth_bytes": grown,
+            "per_connection_bytes": round(grown / held, 1),
+            "pss_per_connection_bytes": round((snaps["held"].pss - base.pss) / held, 1),
+        }
+    if "held" in snaps and "broadcasts_done" in snaps:
+        delivered = sum(d["received"] for d in deliveries)
+        cpu = snaps["broadcasts_done"].cpu_s - snaps["held"].cpu_s
+        row["cpu"] = {
+            "broadcast_s": round(cpu, 2),
+            "deliveries": delivered,
+            "per_million_deliveries_s": round(cpu / delivered * 1e6, 2) if delivered else None,
+        }
+    short = [f"{d['n']}: {d['received']:,}/{d['expected']:,}" for d in deliveries]
+    if any(d["received"] < d["expected"] for d in deliveries):
+        row["notes"].append("not every subscriber got every message (" + ", ".join(short) + ")")
+    if row["errors"]:
+        row["notes"].append(
+            "load errors: " + ", ".join(f"{k} {v:,}" for k, v in row["errors"].items())
+        )
+
+
+# --- the table -----------------------------------------------------------------------------
+
+
+def _span(values: list[Any], fmt: Callable[[Any], str], unit: str) -> str:
+    """The range of the broadcasts' figures: "0.97-1.17 s"."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    lo, hi = min(vals), max(vals)
+    return (fmt(lo) if lo == hi else f"{fmt(lo)}-{fmt(hi)}") + unit
+
+
+def _one_to_one(one: dict[str, Any]) -> str:
+    if "error" in one or not one:
+        return str(one.get("error", "-"))
+    if one["received"] < one["messages"]:
+        return f"incomplete: {one['received']:,}/{one['messages']:,} in {one['seconds']} s"
+    return f"{one['per_second']:,}"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| server | processes | connections held / asked | baseline RSS | B per connection "
+        "| accept /s | connect p99 | broadcast: time to all | deliveries/s | delivery p99 "
+        "| 1:1 msg/s | CPU s per 1M deliveries | notes |"
+    )
+    lines = [head, "|" + " --- |" * 13]
+    for r in rows:
+        if "error" in r and "processes" not in r:
+            lines.append(f"| {r['server']} |" + " - |" * 11 + f" {r['error']} |")
+            continue
+        p, c, b = r["processes"], r["connections"], r.get("broadcast", [])
+        procs = f"{p['total']}: {p['mode']}"
+        held = f"{c.get('held', 0):,} / {c['asked']:,}"
+        mem = r.get("memory", {}).get("per_connection_bytes")
+        accept = r.get("accept", {})
+        p99 = (accept.get("connect_ms") or {}).get("p99")
+        one = r.get("one_to_one", {})
+        cpu = r.get("cpu", {}).get("per_million_deliveries_s")
+        notes = list(r["notes"])
+        if "capped_by" in c:
+            notes.insert(0, f"asked for {c['requested']:,}: {c['capped_by']}")
+        cells = [
+            r["server"],
+            procs,
+            held,
+            f"{r['baseline']['rss_bytes'] / 1e6:,.1f} MB",
+            f"{mem:,.0f}" if mem is not None else "-",
+            f"{accept['rate_per_s']:,}" if accept.get("rate_per_s") else "-",
+            f"{p99} ms" if p99 is not None else "-",
+            _span([d["time_to_all_ms"] for d in b], lambda v: f"{v / 1000:.2f}", " s"),
+            _span([d["per_second"] for d in b], lambda v: f"{v:,}", ""),
+            _span([d["p99_ms"] for d in b], lambda v: f"{v:,.0f}", " ms"),
+            _one_to_one(one),
+            f"{cpu:.2f}" if cpu is not None else "-",
+            "; ".join(notes).replace("|", "/").replace("\n", " "),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def source() -> dict[str, Any]:
+    """The commit measured, and whether src/ had uncommitted changes."""
+    git = ["git", "-C", HERE]
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "../src"], capture_output=True, text=True
+    )
+    return {"commit": head.stdout.strip() or None, "src_dirty": bool(dirty.stdout.strip())}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description="manydoors against its peers, side by side")
+    p.add_argument("--connections", type=int, default=100_000)
+    p.add_argument(
+        "--peers", default=",".join(PEERS), help="comma-separated, of: " + ", ".join(PEERS)
+    )
+    p.add_argument("--rate", type=int, default=20_000, help="connections/s asked of the ramp")
+    p.add_argument("--broadcasts", type=int, default=3)
+    p.add_argument("--messages", type=int, default=50_000, help="1:1 messages")
+    p.add_argument(
+        "--peer-workers",
+        type=int,
+        help="processes of a multi-process peer (node-ws); default: as manydoors sizes "
+        "its pool, max(cores, connections x 1.05 / (fd limit - 64))",
+    )
+    p.add_argument(
+        "--no-cap",
+        action="store_true",
+        help="ask every server for --connections even beyond what its processes' fd limits "
+        "hold (the ramp then stalls and the row says where)",
+    )
+    p.add_argument("--name", default="peers", help="results file bench/results/NAME.json")
+    args = p.parse_args()
+    keys = [k.strip() for k in args.peers.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in PEERS]
+    if unknown:
+        p.error(f"unknown peers {unknown}; known: {', '.join(PEERS)}")
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "source": source(),
+        "settings": {
+            "connections": args.connections,
+            "rate": args.rate,
+            "broadcasts": args.broadcasts,
+            "messages_1to1": args.messages,
+            "peer_workers": args.peer_workers,
+            "capped": not args.no_cap,
+        },
+        "rows": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="manydoors-peers-") as workdir:
+        for key in keys:
+            print(f"peers: === {key} ===", file=sys.stderr, flush=True)
+            try:
+                row = measure(key, PEERS[key], args, workdir)
+            except Exception as exc:  # one peer failing must not lose the others' rows
+                row = {"peer": key, "server": PEERS[key].label, "error": repr(exc), "notes": []}
+            result["rows"].append(row)
+            result["markdown"] = markdown(result["rows"])
+            save(args.name, result)
+    print(result["markdown"])
+    print(f"saved {os.path.join('bench', 'results', args.name + '.json')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
