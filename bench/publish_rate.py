@@ -58,11 +58,16 @@ def rate(publish_to: Server, read_from: Server, n: int) -> float:
     return round(n / seconds)
 
 
+NO_RATE = ("--max-messages-per-second", "0")  # the publisher floods on purpose
+
+
 @contextlib.contextmanager
 def nodes(count: int, *flags: str) -> Iterator[list[Server]]:
     with contextlib.ExitStack() as stack:
         out = [
-            stack.enter_context(server("--workers", "1", "--host", f"127.0.0.{2 + i}", *flags))
+            stack.enter_context(
+                server("--workers", "1", "--host", f"127.0.0.{2 + i}", *NO_RATE, *flags)
+            )
             for i in range(count)
         ]
         for node in out:
