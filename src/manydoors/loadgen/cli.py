@@ -24,7 +24,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--processes", default="auto", help="'auto' or a number")
     p.add_argument("--fd-limit", type=int, help="per-process fd limit (default: hard limit)")
     p.add_argument("--subscribe", metavar="CHANNEL", help="each connection subscribes")
-    p.add_argument("--raw", action="store_true", help="only connect and hold (no hello)")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="only connect and hold (no hello; without --tls it never reads, so the "
+        "server's heartbeat closes it unless the server has --ping-interval 0)",
+    )
     p.add_argument("--ws", action="store_true", help="speak WebSocket to a websocket service")
     p.add_argument(
         "--tls",

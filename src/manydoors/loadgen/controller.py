@@ -206,7 +206,8 @@ class Controller:
             )
             # Acks arrive after the connect: wait for them a little past the last connect.
             settled = s["ready"] + sum(self.errors().values()) >= self.plan.connections
-            if done and (settled or not self.opts.hello):
+            # --raw holds without an ack, but a TLS connection is ready after its handshake.
+            if done and (settled or not (self.opts.hello or self.opts.tls)):
                 return
             if done and time.time() - start > self.opts.connect_timeout + 60:
                 return
