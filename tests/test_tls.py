@@ -209,9 +209,12 @@ def test_client_library_speaks_tls(serve, certs):
 
 
 @pytest.mark.parametrize("ws", [False, True], ids=["tcp", "wss"])
-def test_load_generator_opens_tls_connections(serve, certs, tmp_path, ws):
+def test_load_generator_opens_tls_connections_and_answers_pings(serve, certs, tmp_path, ws):
     proto = ("--protocol", "websocket") if ws else ()
-    server = serve("--workers", "2", "--max-connections", "1000", *proto, *certs.flags())
+    heartbeat = ("--ping-interval", "0.3", "--ping-timeout", "0.6")
+    server = serve(
+        "--workers", "2", "--max-connections", "1000", *proto, *heartbeat, *certs.flags()
+    )
     code, err, report = run_load(
         "--tls",
         *(["--ws"] if ws else []),
@@ -219,11 +222,16 @@ def test_load_generator_opens_tls_connections(serve, certs, tmp_path, ws):
         "--subscribe",
         "veg",
         *server.broadcasts(1),
+        "--hold",
+        "2",  # the pongs go through TLS too, or the connections go after 0.9 s
         report=tmp_path / "report.json",
     )
     assert code == 0, err
     assert report["connections"]["peak"] == 200 and not report["errors"]
     assert report["deliveries"][0]["received"] == 200
+    assert report["connections"]["final"] == 200
+    stats = server.stats()
+    assert stats["pings"] >= 200 and stats["closed"]["ping_timeout"] == 0
 
 
 def test_load_generator_without_tls_on_a_tls_port_reports_it(serve, certs, tmp_path):
