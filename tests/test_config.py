@@ -164,6 +164,7 @@ def test_every_option_is_reachable_by_env_and_flag() -> None:
         "max_bad_messages": ("3", 3),
         "slow_policy": ("drop", "drop"),
         "max_subscriptions": ("5", 5),
+        "send_buffer": ("65536", 65536),
         "tls_cert": ("/etc/c.pem", "/etc/c.pem"),
         "tls_key": ("/etc/k.pem", "/etc/k.pem"),
         "max_messages_per_second": ("2.5", 2.5),

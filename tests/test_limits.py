@@ -273,7 +273,7 @@ def test_a_peer_that_stops_reading_and_answering_is_closed(serve):
     sock.close()
 
 
-def test_accepted_sockets_have_keepalive(serve, clients):
+def test_accepted_sockets_have_keepalive_and_a_bounded_send_buffer(serve, clients):
     server = serve("--workers", "1", "--max-connections", "1000")
     client = clients(server.port())
     client.call({"op": "ping", "id": 1})
@@ -284,4 +284,38 @@ def test_accepted_sockets_have_keepalive(serve, clients):
         return out if "keepalive" in out else ""
 
     # TCP_KEEPIDLE 60 s (the kernel's default is 2 hours)
-    assert re.search(r"timer:\(keepalive,(1min|5\dsec)", wait_for(timers, what="keepalive"))
+    out = wait_for(timers, what="keepalive")
+    assert re.search(r"timer:\(keepalive,(1min|5\dsec)", out)
+    # send_buffer 128 KiB (doubled by Linux), not autotuned up to 4 MiB
+    cmd = ["ss", "-tmnH", "state", "established", f"( sport = :{server.port()} )"]
+    mem = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert ",tb262144," in mem, mem
+
+
+def test_api_publish_says_busy_while_a_worker_cannot_keep_up(serve, clients):
+    """A stopped worker: the broker's queue to it grows until publishing answers 503."""
+    server = serve(
+        "--workers", "1", "--max-connections", "1000", "--ping-interval", "0",
+        "--max-outbound-bytes", "100000000",  # the reader gets it all at once on SIGCONT
+    )  # fmt: skip
+    reader = clients(server.port())
+    assert reader.call({"op": "sub", "channel": "big", "id": 1})["ev"] == "ok"
+    [pid] = server.worker_pids()
+    pad = "x" * 60_000
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        statuses = []
+        for _ in range(2000):  # 32 MiB is ~560 of these
+            status, answer = server.http("POST", "/api/publish", {"channel": "big", "data": pad})
+            statuses.append(status)
+            if status != 202:
+                break
+        assert statuses[-1] == 503 and answer["error"] == "busy", (statuses[-3:], answer)
+        assert len(statuses) > 500  # only once the queue is really long
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    accepted = len(statuses) - 1
+    reader.sock.settimeout(30)
+    for _ in range(accepted):  # nothing accepted was lost
+        assert reader.recv()["data"] == pad
+    wait_for(lambda: server.http("POST", "/api/publish", {"channel": "big", "data": 1})[0] == 202)

@@ -57,6 +57,11 @@ class ServiceConfig:
     workers: int | None = None  # None: "auto", sized from max_connections and fds
     max_message_bytes: int = 64 * 1024
     max_outbound_bytes: int = 1024 * 1024
+    # The kernel's send buffer per connection (SO_SNDBUF; Linux doubles it). Left to
+    # autotuning (0) a reader that stops reading pins up to tcp_wmem's max (4 MiB) of
+    # kernel memory before max_outbound_bytes sees a byte, and 10,000 such readers
+    # push the whole machine's TCP memory into pressure.
+    send_buffer: int = 128 * 1024
     max_bad_messages: int = 10  # consecutive bad lines before the connection is closed
     # A reader whose queued bytes pass max_outbound_bytes is closed ("disconnect"), or
     # keeps its connection while new messages for it are dropped and counted ("drop").
@@ -110,6 +115,7 @@ class ServiceConfig:
         for key in (
             "max_messages_per_second",
             "max_bytes_per_second",
+            "send_buffer",
             "max_connections_per_ip",
             "max_connections_per_user",
             "read_timeout",
@@ -285,6 +291,13 @@ SERVICE_OPTIONS: Final = (
         "--slow-policy",
         str,
         "a reader over max_outbound_bytes: 'disconnect' (default) or 'drop' its messages",
+    ),
+    Option(
+        "send_buffer",
+        "MANYDOORS_SEND_BUFFER",
+        "--send-buffer",
+        int,
+        "kernel send buffer per connection, bytes (0: kernel autotuning)",
     ),
     Option("tls_cert", "MANYDOORS_TLS_CERT", "--tls-cert", str, "PEM certificate (chain)"),
     Option("tls_key", "MANYDOORS_TLS_KEY", "--tls-key", str, "PEM private key of tls_cert"),

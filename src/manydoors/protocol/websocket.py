@@ -65,6 +65,10 @@ def parse_handshake(request: bytes, *, max_bytes: int = 8192) -> tuple[bytes, in
     """
     if not request:
         return None  # h11 takes b"" for end of stream
+    if len(request) <= max_bytes and b"\n\r\n" not in request and b"\n\n" not in request:
+        # The head has not ended: parsing now would redo all of it for every byte a
+        # client dribbles in (~17 us per read of an 8 KB head).
+        return None
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_bytes)
     conn.receive_data(request)
     try:

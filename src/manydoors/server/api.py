@@ -46,12 +46,21 @@ def _json(body: Any, status: int = 200) -> web.Response:
     )
 
 
+# Bytes queued from the broker to the workers beyond which a publish is refused (503).
+BUSY_BYTES: Final = 32 * 1024 * 1024
+
+
 def _error(status: int, code: str, reason: str) -> web.Response:
     return _json({"error": code, "reason": reason}, status)
 
 
 async def publish(request: web.Request) -> web.Response:
     sup = request.app[_SUP]
+    if sup.queued_to_workers() > BUSY_BYTES:
+        # Workers are not keeping up: say so rather than queue without bound here.
+        resp = _error(503, "busy", "the workers are behind on deliveries; retry shortly")
+        resp.headers["Retry-After"] = "1"
+        return resp
     raw = await request.read()
     if not raw.isascii():
         # msgspec.Raw would relay invalid UTF-8 inside ``data`` to every recipient.

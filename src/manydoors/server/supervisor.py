@@ -117,17 +117,19 @@ def bind_slots(service: ServiceConfig, count: int) -> list[socket.socket]:
     probe.close()
     sockets = [_bind(service.host, port, service.backlog, reuseport=True) for _ in range(count)]
     for sock in sockets:
-        keepalive(sock)
+        tune(sock, service.send_buffer)
     return sockets
 
 
-def keepalive(sock: socket.socket) -> None:
-    """TCP keepalive for every connection (accepted sockets inherit it from the listener).
+def tune(sock: socket.socket, send_buffer: int) -> None:
+    """Socket options for every connection: accepted sockets inherit the listener's.
 
-    The heartbeat finds a dead peer first; keepalive also covers a heartbeat turned
-    off (ping_interval = 0), and TCP_USER_TIMEOUT drops a peer that leaves our data
-    unacknowledged for 2 minutes instead of the kernel's ~15 minutes of retries.
+    Keepalive: the heartbeat finds a dead peer first; keepalive also covers a
+    heartbeat turned off (ping_interval = 0), and TCP_USER_TIMEOUT drops a peer that
+    leaves our data unacknowledged for 2 minutes instead of ~15 minutes of retries.
     """
+    if send_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     for level, name, value in (
         (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
         (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60),
@@ -381,6 +383,16 @@ class Supervisor:
                     slot.link.close()
 
     # --- stats ------------------------------------------------------------------------
+
+    def queued_to_workers(self) -> int:
+        """Bytes of broker frames written to worker links and not yet taken by them."""
+        total = 0
+        for pool in self.pools:
+            for slot in pool.slots:
+                link = slot.link
+                if link is not None and link.transport is not None:
+                    total += link.transport.get_write_buffer_size()
+        return total
 
     async def connections(self, service: str | None, limit: int) -> list[dict[str, Any]]:
         """Up to ``limit`` live connections, asked of the workers (spread over them)."""

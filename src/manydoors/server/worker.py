@@ -12,6 +12,8 @@ This module is preloaded by the fork server, so it imports only what a worker ne
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import itertools
 import os
@@ -64,6 +66,11 @@ CLOSE_GRACE: Final = 2.0  # seconds a closed connection has to take its bye befo
 MAX_TICK: Final = 1.0  # seconds between sweeps (shorter when a timeout is shorter)
 _encode_json: Final = msgspec.json.Encoder().encode
 _decode_presence: Final = msgspec.json.Decoder(PresenceResult).decode
+TRIM_AFTER: Final = 1000  # connections released before the sweep hands memory back
+_libc_name = ctypes.util.find_library("c")
+# glibc keeps freed heap pages (slow readers' queues, closed connections) for reuse;
+# malloc_trim returns them to the system. Absent on other C libraries.
+_malloc_trim = getattr(ctypes.CDLL(_libc_name), "malloc_trim", None) if _libc_name else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +143,7 @@ class Worker:
         # Consecutive bad messages of the connections that sent one lately: rare, so
         # kept here rather than in a slot of every connection.
         self.strikes: dict[Connection, int] = {}
+        self.released = 0  # connections released since memory was last trimmed
         self.websocket = svc.protocol == "websocket"
         self.conn_class: type[Connection] = WsConnection if self.websocket else TcpConnection
         self.conn_class = tls.connection_class(svc, self.conn_class)
@@ -255,6 +263,7 @@ class Worker:
             self.ip_counts.add(conn.ipb, -1)
         if conn.user is not None and self.user_counts is not None:
             self.user_counts.add(user_bucket(conn.user), -1)
+        self.released += 1
         self.paused.discard(conn)
         self.slow.discard(conn)
         self.strikes.pop(conn, None)
@@ -339,6 +348,9 @@ class Worker:
     def sweep(self) -> None:
         """One tick: refill the rate buckets, close or ping whoever is due."""
         self.tick = now = self.tick + 1
+        if self.released >= TRIM_AFTER and _malloc_trim is not None:
+            self.released = 0
+            _malloc_trim(0)
         for conn in self.paused:
             if conn.transport is not None:
                 conn.transport.resume_reading()
