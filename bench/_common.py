@@ -11,11 +11,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from manydoors.apiclient import get_json as get
 from manydoors.launch import serving
+
+# What tests and benchmarks share lives in tests/ (redisfix, certfix).
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from certfix import self_signed as self_signed  # re-exported for the bench scripts
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -58,44 +62,6 @@ def server(*args: str) -> Iterator[Server]:
     """``manydoors serve`` on free ports; always stopped (SIGTERM, then SIGKILL)."""
     with serving("--port", "0", "--api-port", "0", *args, stderr=subprocess.DEVNULL) as (p, i):
         yield Server(p, i)
-
-
-def self_signed(directory: str) -> tuple[str, str]:
-    """A self-signed EC P-256 certificate for localhost/127.0.0.1 and its key: (cert, key)."""
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.now(UTC)
-    alt = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
-    with open(cert_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(key_path, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    return cert_path, key_path
 
 
 def load(*args: str) -> subprocess.Popen[bytes]:

@@ -146,6 +146,11 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         server.stop()
 
 
+def small(serve: Callable[..., Server], *flags: str, workers: int = 1, **kwargs: Any) -> Server:
+    """A server of ``workers`` workers sized for 1,000 connections (not the default 100k)."""
+    return serve("--workers", str(workers), "--max-connections", "1000", *flags, **kwargs)
+
+
 class Client:
     """A blocking NDJSON client: what a person with ``nc`` does, with timeouts."""
 

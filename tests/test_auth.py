@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from conftest import Client, wait_for
+from conftest import Client, small, wait_for
 
 SECRET = "a-test-secret-of-at-least-32-bytes!"
 
@@ -23,16 +23,7 @@ def token(sub: str = "ann", key: object = SECRET, alg: str = "HS256", **claims: 
 
 
 def token_server(serve, *args: str):
-    return serve(
-        "--workers",
-        "1",
-        "--max-connections",
-        "1000",
-        "--auth-mode",
-        "token",
-        *args,
-        env={"MANYDOORS_AUTH_SECRET": SECRET},
-    )
+    return small(serve, "--auth-mode", "token", *args, env={"MANYDOORS_AUTH_SECRET": SECRET})
 
 
 def refused(client: Client, code: str, bye: str) -> dict:
@@ -118,7 +109,7 @@ def test_private_channels_need_the_channels_claim(serve, clients):
 
 
 def test_without_auth_private_channels_are_refused(serve, clients):
-    server = serve("--workers", "1", "--max-connections", "1000")
+    server = small(serve)
     client = clients(server.port())
     error = client.call({"op": "sub", "channel": "$secret", "id": 1})
     assert error["code"] == "forbidden" and "auth mode token" in error["reason"]
@@ -138,16 +129,7 @@ def test_public_key_tokens(serve, clients, tmp_path: Path, kind):
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
-    server = serve(
-        "--workers",
-        "1",
-        "--max-connections",
-        "1000",
-        "--auth-mode",
-        "token",
-        "--auth-public-key",
-        str(pem),
-    )
+    server = small(serve, "--auth-mode", "token", "--auth-public-key", str(pem))
     good = clients(server.port())
     assert good.call({"op": "hello", "token": token("ann", private, kind), "id": 1})["ev"] == "ok"
 
@@ -196,17 +178,10 @@ def test_websocket_token_auth(serve, tmp_path):
 
     import websockets
 
-    server = serve(
-        "--workers",
-        "1",
-        "--max-connections",
-        "1000",
-        "--protocol",
-        "websocket",
-        "--auth-mode",
-        "token",
+    server = small(
+        serve, "--protocol", "websocket", "--auth-mode", "token",
         env={"MANYDOORS_AUTH_SECRET": SECRET},
-    )
+    )  # fmt: skip
 
     async def main() -> list[dict]:
         async with websockets.connect(f"ws://127.0.0.1:{server.port()}") as ws:

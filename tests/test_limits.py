@@ -14,7 +14,7 @@ import time
 
 import jwt
 
-from conftest import Client, wait_for
+from conftest import Client, small, wait_for
 
 
 def connect_from(port: int, source: str, welcome: bool = True) -> Client:
@@ -37,7 +37,7 @@ def refused(client: Client, code: str) -> dict:
 
 
 def test_messages_over_the_rate_get_rate_limited_and_are_not_done(serve, clients):
-    server = serve("--workers", "1", "--max-connections", "1000", "--max-messages-per-second", "5")
+    server = small(serve, "--max-messages-per-second", "5")
     client = clients(server.port())
     for i in range(8):  # the bucket holds 5
         client.send({"op": "ping", "id": i})
@@ -51,16 +51,7 @@ def test_messages_over_the_rate_get_rate_limited_and_are_not_done(serve, clients
 
 
 def test_a_flood_is_closed_after_max_bad_messages_and_others_carry_on(serve, clients):
-    server = serve(
-        "--workers",
-        "1",
-        "--max-connections",
-        "1000",
-        "--max-messages-per-second",
-        "5",
-        "--max-bad-messages",
-        "4",
-    )
+    server = small(serve, "--max-messages-per-second", "5", "--max-bad-messages", "4")
     calm = clients(server.port())
     flooder = clients(server.port())
     flooder.send(b'{"op":"ping"}\n' * 50)
@@ -72,16 +63,10 @@ def test_a_flood_is_closed_after_max_bad_messages_and_others_carry_on(serve, cli
 
 
 def test_bytes_over_the_rate_pause_reading_and_lose_nothing(serve, clients):
-    server = serve(
-        "--workers",
-        "1",
-        "--max-messages-per-second",
-        "0",
-        "--max-bytes-per-second",
-        "65536",
-        "--read-timeout",
-        "0",
-    )
+    server = small(
+        serve, "--max-messages-per-second", "0", "--max-bytes-per-second", "65536",
+        "--read-timeout", "0",
+    )  # fmt: skip
     client = clients(server.port())
     line = b'{"op":"ping","id":1}\n'
     count = 400_000 // len(line)
@@ -96,16 +81,7 @@ def test_bytes_over_the_rate_pause_reading_and_lose_nothing(serve, clients):
 
 
 def test_connections_per_ip_across_workers(serve):
-    server = serve(
-        "--workers",
-        "2",
-        "--max-connections",
-        "1000",
-        "--max-connections-per-ip",
-        "3",
-        "--limit-loopback",
-        "true",
-    )
+    server = small(serve, "--max-connections-per-ip", "3", "--limit-loopback", "true", workers=2)
     port = server.port()
     held = [connect_from(port, "127.0.0.9") for _ in range(3)]
     fourth = connect_from(port, "127.0.0.9", welcome=False)  # the error comes instead
@@ -124,16 +100,16 @@ def test_connections_per_ip_across_workers(serve):
 
 
 def test_loopback_peers_are_exempt_by_default(serve, clients):
-    server = serve("--workers", "1", "--max-connections", "1000", "--max-connections-per-ip", "2")
+    server = small(serve, "--max-connections-per-ip", "2")
     conns = [clients(server.port()) for _ in range(5)]
     assert conns[-1].call({"op": "ping", "id": 1})["ev"] == "pong"
 
 
 def test_connections_per_user_with_tokens(serve, clients):
     secret = "s" * 32
-    server = serve(
-        "--workers", "2", "--max-connections", "1000", "--max-connections-per-user", "2",
-        "--auth-mode", "token", env={"MANYDOORS_AUTH_SECRET": secret},
+    server = small(
+        serve, "--max-connections-per-user", "2", "--auth-mode", "token",
+        env={"MANYDOORS_AUTH_SECRET": secret}, workers=2,
     )  # fmt: skip
     port = server.port()
 
@@ -153,22 +129,13 @@ def test_connections_per_user_with_tokens(serve, clients):
 
 def test_without_tokens_a_user_name_is_not_limited(serve, clients):
     # Anyone may claim any name: a limit would let anyone lock a user out.
-    server = serve("--workers", "1", "--max-connections", "1000", "--max-connections-per-user", "1")
+    server = small(serve, "--max-connections-per-user", "1")
     for _ in range(3):
         assert clients(server.port()).call({"op": "hello", "user": "ann", "id": 1})["ev"] == "ok"
 
 
 def test_a_dead_workers_counts_are_cleared(serve):
-    server = serve(
-        "--workers",
-        "1",
-        "--max-connections",
-        "1000",
-        "--max-connections-per-ip",
-        "2",
-        "--limit-loopback",
-        "true",
-    )
+    server = small(serve, "--max-connections-per-ip", "2", "--limit-loopback", "true")
     port = server.port()
     before = [connect_from(port, "127.0.0.12") for _ in range(2)]
     [pid] = server.worker_pids()
@@ -184,7 +151,7 @@ def test_a_dead_workers_counts_are_cleared(serve):
 
 
 def test_a_slow_loris_is_closed_at_read_timeout(serve, clients):
-    server = serve("--workers", "1", "--max-connections", "1000", "--read-timeout", "0.6")
+    server = small(serve, "--read-timeout", "0.6")
     quiet = clients(server.port())  # says nothing at all: that is allowed on TCP
     loris = clients(server.port())
     started = time.monotonic()
@@ -202,16 +169,7 @@ def test_a_slow_loris_is_closed_at_read_timeout(serve, clients):
 
 
 def test_an_unfinished_websocket_handshake_is_closed_at_read_timeout(serve):
-    server = serve(
-        "--workers",
-        "1",
-        "--max-connections",
-        "1000",
-        "--protocol",
-        "websocket",
-        "--read-timeout",
-        "0.5",
-    )
+    server = small(serve, "--protocol", "websocket", "--read-timeout", "0.5")
     sock = socket.create_connection(("127.0.0.1", server.port()), timeout=10)
     sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and never the rest
     answer = b""
@@ -224,16 +182,7 @@ def test_an_unfinished_websocket_handshake_is_closed_at_read_timeout(serve):
 
 
 def test_heartbeat_pings_quiet_connections_and_closes_silent_ones(serve, clients):
-    server = serve(
-        "--workers",
-        "1",
-        "--max-connections",
-        "1000",
-        "--ping-interval",
-        "0.5",
-        "--ping-timeout",
-        "0.5",
-    )
+    server = small(serve, "--ping-interval", "0.5", "--ping-timeout", "0.5")
     answering = clients(server.port())
     silent = clients(server.port())
     deadline = time.monotonic() + 3
@@ -254,16 +203,7 @@ def test_heartbeat_pings_quiet_connections_and_closes_silent_ones(serve, clients
 
 def test_a_peer_that_stops_reading_and_answering_is_closed(serve):
     """A half-open peer as the server sees it: nothing comes back, whatever is sent."""
-    server = serve(
-        "--workers",
-        "1",
-        "--max-connections",
-        "1000",
-        "--ping-interval",
-        "0.3",
-        "--ping-timeout",
-        "0.3",
-    )
+    server = small(serve, "--ping-interval", "0.3", "--ping-timeout", "0.3")
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", server.port()))
@@ -274,7 +214,7 @@ def test_a_peer_that_stops_reading_and_answering_is_closed(serve):
 
 
 def test_accepted_sockets_have_keepalive_and_a_bounded_send_buffer(serve, clients):
-    server = serve("--workers", "1", "--max-connections", "1000")
+    server = small(serve)
     client = clients(server.port())
     client.call({"op": "ping", "id": 1})
 
@@ -294,8 +234,8 @@ def test_accepted_sockets_have_keepalive_and_a_bounded_send_buffer(serve, client
 
 def test_api_publish_says_busy_while_a_worker_cannot_keep_up(serve, clients):
     """A stopped worker: the broker's queue to it grows until publishing answers 503."""
-    server = serve(
-        "--workers", "1", "--max-connections", "1000", "--ping-interval", "0",
+    server = small(
+        serve, "--ping-interval", "0",
         "--max-outbound-bytes", "100000000",  # the reader gets it all at once on SIGCONT
     )  # fmt: skip
     reader = clients(server.port())

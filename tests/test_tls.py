@@ -7,8 +7,6 @@ library over wss://, the asyncio client library, and the load generator's own TL
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import json
 import socket
 import ssl
@@ -18,11 +16,9 @@ from pathlib import Path
 
 import pytest
 import websockets
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from certfix import pem, self_signed
 from conftest import Client, manydoors_cmd, run_load, wait_for
 from manydoors.client import Client as AsyncClient
 from manydoors.server.tls import TlsError, server_context
@@ -32,28 +28,10 @@ class Certs:
     """A self-signed certificate for localhost and 127.0.0.1, its key, and a stranger key."""
 
     def __init__(self, root: Path) -> None:
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-        now = datetime.datetime.now(datetime.UTC)
-        loopback = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
-        alt = x509.SubjectAlternativeName([x509.DNSName("localhost"), loopback])
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(alt, critical=False)
-            .sign(key, hashes.SHA256())
-        )
-        self.cert = root / "cert.pem"
-        self.key = root / "key.pem"
+        cert, key = self_signed(root)
+        self.cert, self.key = Path(cert), Path(key)
         self.other_key = root / "other.pem"
-        self.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        self.key.write_bytes(_pem(key))
-        self.other_key.write_bytes(_pem(ec.generate_private_key(ec.SECP256R1())))
+        self.other_key.write_bytes(pem(ec.generate_private_key(ec.SECP256R1())))
 
     def flags(self) -> tuple[str, ...]:
         return ("--tls-cert", str(self.cert), "--tls-key", str(self.key))
@@ -61,15 +39,6 @@ class Certs:
     def client_context(self) -> ssl.SSLContext:
         """A client that really verifies the server against this certificate."""
         return ssl.create_default_context(cafile=str(self.cert))
-
-
-def _pem(key: ec.EllipticCurvePrivateKey, password: bytes | None = None) -> bytes:
-    crypt = (
-        serialization.BestAvailableEncryption(password)
-        if password
-        else serialization.NoEncryption()
-    )
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, crypt)
 
 
 @pytest.fixture
@@ -266,7 +235,7 @@ def test_server_context_names_the_bad_file(certs, tmp_path):
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate\n")
     encrypted = tmp_path / "encrypted.pem"
-    encrypted.write_bytes(_pem(ec.generate_private_key(ec.SECP256R1()), b"secret"))
+    encrypted.write_bytes(pem(ec.generate_private_key(ec.SECP256R1()), b"secret"))
     cert, key = str(certs.cert), str(certs.key)
     cases = {
         (str(junk), key): f"the certificate {junk} holds no PEM certificate",
