@@ -367,7 +367,9 @@ class Agent:
             if not conn.upgraded:
                 conn.buf = buf
                 return
-        payloads, closed, conn.buf = wsclient.read_frames(buf)
+        payloads, pongs, closed, conn.buf = wsclient.split_frames(buf)
+        if pongs:  # the peer's keepalive pings, answered at once
+            self.send(conn, pongs)
         for payload in payloads:
             self.on_line(conn, payload)
         if closed:

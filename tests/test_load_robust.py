@@ -1,0 +1,169 @@
+"""The load generator against servers that are not manydoors: it keeps its connections.
+
+- a WebSocket peer with protocol keepalive (the ``websockets`` library): its pings are
+  answered, over TLS too, so it keeps the connections.
+
+The small servers run on an asyncio loop in a thread of the test; the load generator
+is a real process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import json
+import ssl
+import threading
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import websockets
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import serve as ws_serve
+
+from conftest import run_load
+from manydoors.loadgen import wsclient
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An asyncio loop in a thread: the home of a small server the load is aimed at."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 10) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        async def cancel_the_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.call(cancel_the_rest())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+# --- WebSocket keepalive -------------------------------------------------------------
+
+
+def self_signed(root: Path) -> ssl.SSLContext:
+    """A server context with a fresh self-signed certificate for 127.0.0.1."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    alt = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(alt, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (root / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (root / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(root / "cert.pem", root / "key.pem")
+    return ctx
+
+
+class KeepalivePeer:
+    """A ``websockets`` server that pings every 0.3 s and drops who does not pong in 0.5 s.
+
+    It speaks just enough of the manydoors protocol for the load's hello: a welcome,
+    then an ok for every op with an id.
+    """
+
+    def __init__(self) -> None:
+        self.conns: list[ServerConnection] = []
+        self.dropped: list[int | None] = []  # close codes of connections it closed
+
+    async def handler(self, ws: ServerConnection) -> None:
+        self.conns.append(ws)
+        await ws.send('{"ev":"welcome"}')
+        try:
+            async for message in ws:
+                await ws.send(json.dumps({"ev": "ok", "id": json.loads(message)["id"]}))
+        except websockets.ConnectionClosed:
+            pass
+        if ws.close_code == 1011:  # "keepalive ping timeout"
+            self.dropped.append(ws.close_code)
+
+    async def start(self, ctx: ssl.SSLContext | None) -> tuple[int, Any]:
+        server = await ws_serve(
+            self.handler, "127.0.0.1", 0, ping_interval=0.3, ping_timeout=0.5, ssl=ctx
+        )
+        return server.sockets[0].getsockname()[1], server
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+def test_websocket_peer_keepalive_pings_are_answered(loop_thread, tmp_path, tls):
+    peer = KeepalivePeer()
+    port, server = loop_thread.call(peer.start(self_signed(tmp_path) if tls else None))
+    try:
+        code, err, report = run_load(
+            "--ws",
+            *(["--tls"] if tls else []),
+            "--target",
+            f"127.0.0.1:{port}",
+            "--connections",
+            "50",
+            "--hold",
+            "2",  # several ping intervals; unanswered, every connection goes after 0.8 s
+            report=tmp_path / "r.json",
+            timeout=60,
+        )
+    finally:
+        server.close()
+        loop_thread.call(server.wait_closed())
+    assert code == 0, err
+    assert report["connections"] == {"target": 50, "peak": 50, "final": 50}
+    assert report["errors"] == {}
+    assert peer.dropped == []
+    # Every connection's pings came back: websockets measures the round trip on a pong.
+    assert len(peer.conns) == 50 and all(ws.latency > 0 for ws in peer.conns)
+
+
+def test_pings_are_answered_with_masked_pongs_of_the_same_payload():
+    ping = b"\x89\x04abcd"  # unmasked, as a server sends it
+    text = b"\x81\x05hello"
+    texts, answer, closed, rest = wsclient.split_frames(text + ping + b"\x89\x00" + text[:3])
+    assert texts == [b"hello"] and not closed and rest == text[:3]
+    # FIN + pong, mask bit + length, the all-zero mask key, the payload echoed.
+    assert answer == b"\x8a\x84\x00\x00\x00\x00abcd" + b"\x8a\x80\x00\x00\x00\x00"
+    # A ping cut in two is answered once it is whole.
+    assert wsclient.split_frames(ping[:3]) == ([], b"", False, ping[:3])
+    assert wsclient.split_frames(ping[:3] + ping[3:])[1] == wsclient.masked_pong(b"abcd")
+    # read_frames keeps its shape for the callers that only want the text.
+    assert wsclient.read_frames(text + ping) == ([b"hello"], False, b"")
