@@ -24,7 +24,7 @@ def test_small_fd_limit_spreads_the_load_over_several_processes(serve, tmp_path)
     assert code == 0, err
     # 600 connections / (150 fds - 64 reserved) = 7 processes
     assert report["plan"]["processes"] == 7
-    assert report["connections"] == {"target": 600, "peak": 600, "final": 600}
+    assert report["connections"] == {"target": 600, "peak": 600, "final": 600, "ready": 600}
     assert report["errors"] == {} and report["duplicates"] == 0
     assert [d["received"] for d in report["deliveries"]] == [600, 600]
     assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,5 +1,7 @@
-"""The load generator against servers that are not manydoors: it keeps its connections.
+"""The load generator against servers that misbehave, and stopped halfway: it always ends.
 
+- a server that stops accepting without closing: the connections left in its listen
+  backlog are timed out (no_answer), and a ramp that stops moving ends (stalled);
 - a WebSocket peer with protocol keepalive (the ``websockets`` library): its pings are
   answered, over TLS too, so it keeps the connections.
 
@@ -13,8 +15,11 @@ import asyncio
 import datetime
 import ipaddress
 import json
+import re
+import socket
 import ssl
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +37,7 @@ from conftest import run_load
 from manydoors.loadgen import wsclient
 
 T = TypeVar("T")
+RAMP_DONE = re.compile(r"^load: ramp done: ([\d,]+) ready$", re.M)
 
 
 class LoopThread:
@@ -63,6 +69,120 @@ def loop_thread() -> Iterator[LoopThread]:
     lt = LoopThread()
     yield lt
     lt.close()
+
+
+class StopsAccepting:
+    """Greets the first ``answer`` connections as manydoors does, then stops accepting.
+
+    Its listening socket stays open: later connects complete into the listen backlog
+    (and past it, the kernel drops their SYNs), where nobody ever reads their hello.
+    """
+
+    def __init__(self, answer: int, backlog: int) -> None:
+        self.answer = answer
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(backlog)
+        self.lsock.setblocking(False)
+        self.port = self.lsock.getsockname()[1]
+        self.accepted = 0
+        self.task: asyncio.Task[None] | None = None
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        conns: list[asyncio.Task[None]] = []
+        try:
+            while self.accepted < self.answer:
+                sock, _ = await loop.sock_accept(self.lsock)
+                self.accepted += 1
+                conns.append(loop.create_task(self.greet(sock)))
+            await asyncio.Event().wait()  # until cancelled: accept nothing more
+        finally:
+            for task in conns:
+                task.cancel()
+            await asyncio.gather(*conns, return_exceptions=True)
+            self.lsock.close()
+
+    async def greet(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_sendall(sock, b'{"ev":"welcome"}\n')
+            buf = b""
+            while data := await loop.sock_recv(sock, 4096):
+                *lines, buf = (buf + data).split(b"\n")
+                for line in lines:
+                    op = json.loads(line)
+                    await loop.sock_sendall(sock, b'{"ev":"ok","id":%d}\n' % op["id"])
+        finally:
+            sock.close()
+
+
+def start_stops_accepting(loop_thread: LoopThread, answer: int) -> StopsAccepting:
+    server = StopsAccepting(answer, backlog=8)
+
+    async def start() -> asyncio.Task[None]:
+        return asyncio.get_running_loop().create_task(server.serve())
+
+    # The loop holds its tasks only weakly: keep this one until the fixture cancels it.
+    server.task = loop_thread.call(start())
+    return server
+
+
+def test_server_that_stops_accepting_ends_the_ramp_with_no_answer(loop_thread, tmp_path):
+    server = start_stops_accepting(loop_thread, answer=20)
+    started = time.monotonic()
+    code, err, report = run_load(
+        "--target",
+        f"127.0.0.1:{server.port}",
+        "--connections",
+        "200",
+        "--connect-timeout",
+        "1",
+        "--stall-timeout",
+        "30",  # not needed here: the timeouts alone end the ramp
+        report=tmp_path / "r.json",
+        timeout=60,
+    )
+    took = time.monotonic() - started
+    assert code == 1, err
+    assert took < 20, err
+    assert report["connections"]["ready"] == 20
+    assert report["connections"]["peak"] >= 20
+    errors = report["errors"]
+    # Those in the backlog connected but were never answered; past the backlog the
+    # kernel drops the SYNs (or the handshake's last ACK), so the connect times out.
+    assert set(errors) <= {"no_answer", "ETIMEDOUT"} and errors.get("no_answer", 0) >= 5
+    assert sum(errors.values()) == 180
+    assert report["stalled"] is False
+    assert "no_answer: connected, but the server did not answer the hello" in err
+    assert RAMP_DONE.search(err)[1] == "20"  # type: ignore[index]
+
+
+def test_ramp_that_stops_moving_is_ended_and_reported_as_stalled(loop_thread, tmp_path):
+    server = start_stops_accepting(loop_thread, answer=20)
+    started = time.monotonic()
+    code, err, report = run_load(
+        "--target",
+        f"127.0.0.1:{server.port}",
+        "--connections",
+        "200",
+        "--connect-timeout",
+        "60",  # nothing times out during the run: only the stall ends the ramp
+        "--stall-timeout",
+        "2",
+        report=tmp_path / "r.json",
+        timeout=60,
+    )
+    took = time.monotonic() - started
+    assert code == 1, err
+    assert took < 25, err
+    assert report["stalled"] is True
+    at = report["stalled_at"]
+    assert at["ready"] == 20 and at["attempted"] == 200 and at["open"] >= 20
+    assert at["still_seconds"] >= 2
+    assert report["connections"]["ready"] == 20
+    assert "ramp stalled: nothing moved for 2 s at open" in err
+    assert RAMP_DONE.search(err)[1] == "20"  # type: ignore[index]
 
 
 # --- WebSocket keepalive -------------------------------------------------------------
@@ -148,7 +268,7 @@ def test_websocket_peer_keepalive_pings_are_answered(loop_thread, tmp_path, tls)
         server.close()
         loop_thread.call(server.wait_closed())
     assert code == 0, err
-    assert report["connections"] == {"target": 50, "peak": 50, "final": 50}
+    assert report["connections"] == {"target": 50, "peak": 50, "final": 50, "ready": 50}
     assert report["errors"] == {}
     assert peer.dropped == []
     # Every connection's pings came back: websockets measures the round trip on a pong.

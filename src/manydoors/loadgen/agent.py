@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import errno
 import gc
+import itertools
 import os
 import resource
 import signal
@@ -37,6 +38,7 @@ IP_LOCAL_PORT_RANGE: Final = getattr(socket, "IP_LOCAL_PORT_RANGE", 51)
 MAX_IN_FLIGHT: Final = 512  # connects (and unacked hellos) outstanding per process
 TICK: Final = 0.005
 REPORT_EVERY: Final = 0.5
+SWEEP_EVERY: Final = 0.5  # how often connects and greetings are checked against the timeout
 LINE_LIMIT: Final = 1024 * 1024
 PONG: Final = b'{"op":"pong"}'  # the answer to the server's heartbeat {"ev":"ping"}
 
@@ -85,6 +87,7 @@ class LoadConn(LineFramer):
     def __init__(self, sock: socket.socket, started: float) -> None:
         LineFramer.__init__(self)
         self.sock = sock
+        # When the current wait began: the connect, then (once connected) its answer.
         self.started = started
         self.got = 0  # bit n set: message number n arrived
         self.ready = False
@@ -128,13 +131,20 @@ class Agent:
         self.latency: dict[int, Counter[int]] = {}  # message number -> 1 ms buckets
         self.duplicates = 0
         self.ramp_done = False
+        self.ramp_task: asyncio.Task[None] | None = None
         self.rss_start = _rss()  # this process before its first connection
         self.first_attempt = self.last_connect = 0.0
         self.peak = 0
         self.stop = asyncio.Event()
         self.tls = client_context() if opts.tls else None
-        # Connections in their TLS handshake -> the user number their greeting will use.
-        self.handshaking: dict[LoadConn, int] = {}
+        # A connection counts as in flight until the server answers: its hello's ack, or
+        # with --raw --tls the end of its handshake.
+        self.awaits_answer = opts.hello or opts.tls
+        # Open connections still waiting for that answer -> the user number their
+        # greeting uses (sent once the TLS handshake is done). Oldest first, so the sweep
+        # stops at the first one within its time; entries leave on the answer, so this
+        # holds at most MAX_IN_FLIGHT connections, never every held one.
+        self.waiting: dict[LoadConn, int] = {}
         # One shared answer to every heartbeat: no state per connection.
         self.pong = wsclient.masked_text(PONG) if opts.ws else PONG + b"\n"
         last = 2 if opts.subscribe else 1
@@ -173,17 +183,22 @@ class Agent:
             hist[int((now - stamp.t) * 1000)] += 1
         elif kind == "ok":
             if ev.id == self.ready_id and not conn.ready:
-                conn.ready = True
-                self.ready += 1
+                self.mark_ready(conn)
         elif kind == "ping":
             self.send(conn, self.pong)
         elif kind == "error":
             self.errors[ev.code or "error"] += 1
+            # A refusal is an answer: the connection no longer holds a ramp slot.
+            self.waiting.pop(conn, None)
         elif kind == "bye":
             self.closed[ev.reason or "bye"] += 1
         elif kind == "welcome" and self.ready_id is None and not conn.ready:
-            conn.ready = True
-            self.ready += 1
+            self.mark_ready(conn)
+
+    def mark_ready(self, conn: LoadConn) -> None:
+        conn.ready = True
+        self.ready += 1
+        self.waiting.pop(conn, None)
 
     def close(self, conn: LoadConn, error: str | None) -> None:
         """Forget a connection (open or connecting), counting why it ended."""
@@ -202,8 +217,7 @@ class Agent:
         if conn.ready:
             conn.ready = False
             self.ready -= 1
-        if conn.tls is not None:
-            self.handshaking.pop(conn, None)
+        self.waiting.pop(conn, None)
         sock.close()
         if error is not None:
             self.errors[error] += 1
@@ -276,20 +290,21 @@ class Agent:
         self.connecting.pop(fd, None)
         now = time.perf_counter()
         self.connect_hist[int((now - conn.started) * 10_000)] += 1
+        conn.started = now  # from here on: waiting for the server's answer
         self.last_connect = now
         self.open_now += 1
         self.peak = max(self.peak, self.open_now)
         self.conns.add(conn)
+        if self.awaits_answer:
+            self.waiting[conn] = user
         if self.tls is not None:
             # The greeting waits for the handshake, which needs reading even with --raw.
             conn.tls = TlsPipe(self.tls)
-            self.handshaking[conn] = user
             sock.send(conn.tls.start())
         elif not self.opts.hello and not self.opts.ws:
             # --raw only holds: not reading saves a poll registration per connection
             # (what the server sends waits in the kernel buffer).
-            conn.ready = True
-            self.ready += 1
+            self.mark_ready(conn)
             return
         else:
             sock.send(self.greeting(user))  # a few dozen bytes into an empty buffer: never short
@@ -313,12 +328,11 @@ class Agent:
             return b""
         out = pipe.pending()
         if handshaking and pipe.done:
-            greeting = self.greeting(self.handshaking.pop(conn, 0))
+            greeting = self.greeting(self.waiting.get(conn, 0))
             if greeting:
                 out += pipe.wrap(greeting)
             elif not conn.ready:  # --raw: held once the handshake is done
-                conn.ready = True
-                self.ready += 1
+                self.mark_ready(conn)
         if out:
             conn.sock.send(out)
         return data
@@ -376,39 +390,45 @@ class Agent:
             self.close(conn, None if self.stop.is_set() else "closed_by_server")
 
     def sweep(self) -> None:
-        """Fail connects that have been in flight longer than the timeout."""
+        """Fail connects, and greetings, in flight for longer than the connect timeout.
+
+        A server that stops accepting without closing leaves its connections in the
+        listen backlog: the connect succeeds, the hello is never answered. Closing
+        them (as no_answer) frees their ramp slots, so the ramp still ends.
+        """
         limit = time.perf_counter() - self.opts.connect_timeout
         for conn in [c for c in self.connecting.values() if c.started < limit]:
             self.close(conn, "ETIMEDOUT")
+        for conn in list(itertools.takewhile(lambda c: c.started < limit, self.waiting)):
+            self.close(conn, "no_answer")
+
+    async def sweep_loop(self) -> None:
+        while not self.stop.is_set():
+            self.sweep()
+            await asyncio.sleep(SWEEP_EVERY)
 
     async def ramp(self) -> None:
         loop = asyncio.get_running_loop()
         start = loop.time()
         self.first_attempt = time.perf_counter()
         user = self.plan.first_user
-        last_sweep = start
         for lane in self.plan.lanes:
             left = lane.count
             while left and not self.stop.is_set():
                 now = loop.time()
                 due = int((now - start) * self.opts.rate) + 1 - self.attempted
                 # Backpressure: connects in flight and connections still waiting for
-                # their ack both count, so a server that falls behind slows the ramp
+                # their answer both count, so a server that falls behind slows the ramp
                 # instead of drowning in connections it has not greeted yet.
-                held = self.opts.hello or self.tls is not None  # --raw --tls: the handshake
-                waiting_ack = self.open_now - self.ready if held else 0
-                room = MAX_IN_FLIGHT - len(self.connecting) - waiting_ack
+                room = MAX_IN_FLIGHT - len(self.connecting) - len(self.waiting)
                 for _ in range(max(0, min(due, room, left))):
                     self.open_one(lane.src, lane.dst, lane.port, user)
                     self.attempted += 1
                     user += 1
                     left -= 1
-                if now - last_sweep > 0.5:
-                    self.sweep()
-                    last_sweep = now
                 await asyncio.sleep(TICK)
-        while self.connecting and not self.stop.is_set():
-            self.sweep()
+        # Done once every connection has its outcome (the sweep bounds the wait).
+        while (self.connecting or self.waiting) and not self.stop.is_set():
             await asyncio.sleep(0.05)
         self.ramp_done = True
 
@@ -447,7 +467,7 @@ class Agent:
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             self.errors[f"load_bug: {type(exc).__name__}: {exc}"] += 1
-            self.ramp_done = True
+        self.ramp_done = True
 
     def on_command(self) -> None:
         try:
@@ -456,17 +476,23 @@ class Agent:
             cmd = "stop"
         if cmd == "stop":
             self.stop.set()
+        elif cmd == "end_ramp" and self.ramp_task is not None:
+            # The controller saw the ramp stall: hold what is open, start nothing more.
+            # Connects and greetings still in flight keep their timeout (the sweep).
+            self.ramp_task.cancel()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_reader(self.pipe.fileno(), self.on_command)
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
         reporter = loop.create_task(self.report_loop())
-        ramp = loop.create_task(self.ramp())
+        sweeper = loop.create_task(self.sweep_loop())
+        ramp = self.ramp_task = loop.create_task(self.ramp())
         ramp.add_done_callback(self.ramp_ended)
         await self.stop.wait()
         ramp.cancel()
         reporter.cancel()
+        sweeper.cancel()
         loop.remove_reader(self.pipe.fileno())
         # Report first: closing tens of thousands of sockets on a busy machine takes a
         # while, and the controller should not have to wait for it to get the figures.

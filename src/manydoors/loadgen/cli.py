@@ -40,7 +40,19 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--api", help="server API URL, for --broadcasts")
     p.add_argument("--broadcasts", type=int, default=0, help="messages to publish and time")
     p.add_argument("--delivery-timeout", type=float, default=30)
-    p.add_argument("--connect-timeout", type=float, default=10)
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10,
+        help="seconds a connect, and then the server's answer to the hello, may take",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=60,
+        help="end the ramp when its counts have not moved for this many seconds, hold "
+        "what is open and report where it stalled",
+    )
     p.add_argument("--report", metavar="FILE", help="write the JSON report here")
     p.add_argument("--plot", metavar="FILE", help="write a PNG of the run here")
     p.add_argument(
@@ -66,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.broadcasts > 60:
         print("load: at most 60 --broadcasts per run", file=sys.stderr)
+        return 2
+    if args.connect_timeout <= 0 or args.stall_timeout <= 0:
+        print("load: --connect-timeout and --stall-timeout must be positive", file=sys.stderr)
         return 2
     try:
         processes = None if args.processes == "auto" else int(args.processes)
@@ -96,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         source_ports=source_ports,
         ws=args.ws,
         tls=args.tls,
+        stall_timeout=args.stall_timeout,
     )
     report = Controller(plan, opts, live=sys.stderr.isatty()).run()
     if args.report:
@@ -107,10 +123,18 @@ def run(args: argparse.Namespace) -> int:
         write_plot(report, args.plot)
     c = report["connections"]
     print(
-        f"load: peak {c['peak']:,} of {c['target']:,}, rate {report['rate_achieved']}/s, "
-        f"connect p99 {report['connect_ms']['p99']} ms",
+        f"load: peak {c['peak']:,} of {c['target']:,}, ready {c['ready']:,}, "
+        f"rate {report['rate_achieved']}/s, connect p99 {report['connect_ms']['p99']} ms",
         file=sys.stderr,
     )
+    stalled = report["stalled_at"]
+    if stalled:
+        print(
+            f"load: the ramp stalled after {stalled['after_seconds']:.0f} s at open "
+            f"{stalled['open']:,} ready {stalled['ready']:,}: nothing moved for "
+            f"{stalled['still_seconds']:.0f} s (--stall-timeout)",
+            file=sys.stderr,
+        )
     for name, count in sorted(report["errors"].items(), key=lambda kv: -kv[1]):
         print(f"load: {count:>9,} {name}: {explain(name)}", file=sys.stderr)
     for d in report["deliveries"]:
@@ -122,4 +146,4 @@ def run(args: argparse.Namespace) -> int:
     complete = c["peak"] == c["target"] and all(
         d["received"] == d["expected"] for d in report["deliveries"]
     )
-    return 0 if complete and not report["errors"] else 1
+    return 0 if complete and not report["errors"] and not report["stalled"] else 1

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection as Pipe
 from multiprocessing.connection import wait as wait_pipes
-from typing import Any, TextIO, cast
+from typing import Any, Final, TextIO, cast
 
 from rich.console import Console
 from rich.live import Live
@@ -23,6 +23,10 @@ from ..apiclient import post_json
 from .agent import REPORT_EVERY, AgentOptions, agent_main
 from .errors import explain
 from .planner import Plan
+
+# Until every load process has reported once, the ramp is starting (forking, imports on
+# a busy machine), not stalled: the stall clock allows it at least this long.
+STARTUP_S: Final = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +43,7 @@ class LoadOptions:
     source_ports: tuple[int, int] | None = None
     ws: bool = False
     tls: bool = False
+    stall_timeout: float = 60.0  # a ramp whose counts do not move this long ends anyway
 
 
 def read_port_range(root: str = "/") -> tuple[int, int]:
@@ -101,6 +106,7 @@ class Controller:
         self.timeline: list[dict[str, Any]] = []
         self.t0 = time.time()
         self.last_line = -1.0
+        self.stalled: dict[str, Any] | None = None  # where the ramp stood when it stalled
 
     def say(self, line: str) -> None:
         if self.live is not None:
@@ -195,25 +201,52 @@ class Controller:
         self.live.update(table)
 
     def ramp(self) -> None:
-        """Wait until every process has attempted its share and the acks have arrived."""
-        start = time.time()
+        """Wait until every process has attempted its share and each connection its answer.
+
+        A process is done once its connects and greetings have all succeeded or failed
+        (it times them out). Should the counts still stop moving for stall_timeout, the
+        processes are told to stop ramping, the run goes on to the hold with what is
+        open, and the report says where the ramp stalled.
+        """
+        start = moved = time.monotonic()
+        last: tuple[int, ...] = ()
         while True:
             self.poll(0.25)
             s = self.sample()
             self.show(s, "ramp")
-            done = len(self.latest) == len(self.procs) and all(
-                x["ramp_done"] for x in self.latest.values()
-            )
-            # Acks arrive after the connect: wait for them a little past the last connect.
-            settled = s["ready"] + sum(self.errors().values()) >= self.plan.connections
-            # --raw holds without an ack, but a TLS connection is ready after its handshake.
-            if done and (settled or not (self.opts.hello or self.opts.tls)):
-                return
-            if done and time.time() - start > self.opts.connect_timeout + 60:
+            reported = len(self.latest)
+            if reported == len(self.procs) and all(x["ramp_done"] for x in self.latest.values()):
                 return
             if not all(p.is_alive() for p in self.procs):
                 self.say("a load process died")
                 return
+            now = time.monotonic()
+            counts = (reported, s["open"], s["ready"], s["attempted"], s["errors"])
+            if counts != last:
+                last, moved = counts, now
+                continue
+            limit = self.opts.stall_timeout
+            if reported < len(self.procs):
+                limit = max(limit, STARTUP_S)
+            if now - moved >= limit:
+                self.stall(s, now - start, now - moved)
+                return
+
+    def stall(self, s: dict[str, Any], seconds: float, still: float) -> None:
+        """End a ramp that stopped moving: the processes hold what they have."""
+        self.stalled = {
+            "after_seconds": round(seconds, 3),
+            "still_seconds": round(still, 3),
+            **{k: s[k] for k in ("attempted", "open", "ready", "errors")},
+        }
+        self.say(
+            f"ramp stalled: nothing moved for {still:.0f} s at open {s['open']:,} "
+            f"ready {s['ready']:,} of {self.plan.connections:,} "
+            f"(attempted {s['attempted']:,}, errors {s['errors']:,}); holding what is open"
+        )
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send("end_ramp")
 
     def publish(self, n: int) -> None:
         assert self.opts.api
@@ -269,8 +302,8 @@ class Controller:
             self.live.start()
         try:
             self.ramp()
-            # The ramp ends at the last successful connect of the slowest process.
-            ramp_s = max(s["ramp_seconds"] for s in self.latest.values())
+            # The line a driving script waits for: from here on the load is held.
+            self.say(f"ramp done: {self.total('ready'):,} ready")
             hold_until = time.monotonic() + self.opts.hold
             if self.opts.api and self.opts.broadcasts:
                 for n in range(1, self.opts.broadcasts + 1):
@@ -278,22 +311,22 @@ class Controller:
             while time.monotonic() < hold_until:
                 self.poll(min(1.0, max(0.0, hold_until - time.monotonic())))
                 self.show(self.sample(), "hold")
-            final_open = self.total("open")
-            peak = self.total("peak")
         finally:
             if self.live is not None:
                 self.live.stop()
             finals = self.stop()
-        return self.report(finals, rounds, ramp_s, peak, final_open)
+        # The ramp ends at the last successful connect of the slowest process.
+        ramp_s = max((s["ramp_seconds"] for s in self.latest.values()), default=0.0)
+        return self.report(finals, rounds, ramp_s)
 
     def report(
         self,
         finals: list[dict[str, Any]],
         rounds: list[dict[str, Any]],
         ramp_s: float,
-        peak: int,
-        final_open: int,
     ) -> dict[str, Any]:
+        """The JSON report. Counts come from the last snapshot of each process: its final
+        one (taken as it stopped, before closing its connections) when it sent it."""
         connect: Counter[int] = Counter()
         latency: dict[int, Counter[int]] = {}
         for f in finals:
@@ -327,7 +360,14 @@ class Controller:
                 "processes": len(self.plan.agents),
                 "lanes": [asdict(lane) for a in self.plan.agents for lane in a.lanes],
             },
-            "connections": {"target": self.plan.connections, "peak": peak, "final": final_open},
+            "connections": {
+                "target": self.plan.connections,
+                "peak": self.total("peak"),
+                "final": self.total("open"),
+                "ready": self.total("ready"),
+            },
+            "stalled": self.stalled is not None,
+            "stalled_at": self.stalled,
             "connect_ms": percentiles(connect, 0.1),
             "rate_achieved": round(ok / ramp_s) if ramp_s else None,
             "ramp_seconds": round(ramp_s, 3),

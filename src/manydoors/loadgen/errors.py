@@ -17,6 +17,11 @@ EXPLAIN: dict[str, str] = {
     "ENOMEM": "the kernel ran out of memory for sockets",
     "server_full": "the server answered server_full: it is at max_connections or a "
     "worker is at its fd limit",
+    "no_answer": "connected, but the server did not answer the hello (or finish the TLS "
+    "handshake) within --connect-timeout: it stopped accepting and the connection waited in "
+    "its listen backlog, or it is too busy to answer",
+    "closed_by_server": "the server closed the connection (or sent a WebSocket close) "
+    "while it was held",
     "bad_line": "the server sent a line that is not a JSON event",
     "tls_failed": "the TLS handshake or session failed: is the target a TLS service? "
     "(--tls against a plain port fails so)",
