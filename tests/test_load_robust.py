@@ -2,22 +2,24 @@
 
 - a server that stops accepting without closing: the connections left in its listen
   backlog are timed out (no_answer), and a ramp that stops moving ends (stalled);
+- SIGINT/SIGTERM: the run ends, its processes with it, and the report is written;
 - a WebSocket peer with protocol keepalive (the ``websockets`` library): its pings are
   answered, over TLS too, so it keeps the connections.
 
 The small servers run on an asyncio loop in a thread of the test; the load generator
-is a real process.
+and ``manydoors serve`` are real processes, stopped by pid even when a test fails.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import json
+import os
 import re
+import signal
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -26,14 +28,11 @@ from typing import Any, TypeVar
 
 import pytest
 import websockets
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from websockets.asyncio.server import ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 
-from conftest import run_load
+from certfix import self_signed
+from conftest import manydoors_cmd, run_load, wait_for
 from manydoors.loadgen import wsclient
 
 T = TypeVar("T")
@@ -153,7 +152,7 @@ def test_server_that_stops_accepting_ends_the_ramp_with_no_answer(loop_thread, t
     # kernel drops the SYNs (or the handshake's last ACK), so the connect times out.
     assert set(errors) <= {"no_answer", "ETIMEDOUT"} and errors.get("no_answer", 0) >= 5
     assert sum(errors.values()) == 180
-    assert report["stalled"] is False
+    assert report["stalled"] is False and report["interrupted"] is False
     assert "no_answer: connected, but the server did not answer the hello" in err
     assert RAMP_DONE.search(err)[1] == "20"  # type: ignore[index]
 
@@ -185,36 +184,96 @@ def test_ramp_that_stops_moving_is_ended_and_reported_as_stalled(loop_thread, tm
     assert RAMP_DONE.search(err)[1] == "20"  # type: ignore[index]
 
 
+# --- stopped by a signal -------------------------------------------------------------
+
+
+def _starttime(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat: with the pid, names one process even if pids recycle."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def descendants(root: int) -> dict[int, str]:
+    """Every process below ``root`` (the load's forkserver and its agents): pid -> start."""
+    parents: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    parents[int(name)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    found: dict[int, str] = {}
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in found:
+                start = _starttime(pid)
+                if start is not None:
+                    found[pid] = start
+                    frontier.append(pid)
+    return found
+
+
+def alive(procs: dict[int, str]) -> list[int]:
+    return [pid for pid, start in procs.items() if _starttime(pid) == start]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_signal_ends_the_run_with_a_report_and_no_process_left(serve, tmp_path, sig):
+    server = serve("--workers", "1", "--max-connections", "1000")
+    report_path = tmp_path / "r.json"
+    cmd = manydoors_cmd("load", *server.target(200), "--hold", "60", "--report", str(report_path))
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        lines.extend(proc.stderr)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    children: dict[int, str] = {}
+    try:
+        wait_for(lambda: RAMP_DONE.search("".join(lines)), 60, "the ramp done line")
+        children = descendants(proc.pid)
+        assert children, "the load's processes"
+        stopped = time.monotonic()
+        proc.send_signal(sig)
+        code = proc.wait(15)
+        assert time.monotonic() - stopped < 10
+        reader.join(10)
+        err = "".join(lines)
+        assert code == 128 + sig, err
+        report = json.loads(report_path.read_text())
+        assert report["interrupted"] is True and report["stalled"] is False
+        assert report["connections"]["peak"] == 200
+        assert report["connections"]["ready"] == 200
+        assert f"load: interrupted by {sig.name}: report in {report_path}" in err
+        assert "load: peak 200 of 200" in err
+        wait_for(lambda: not alive(children), 10, "the load's processes to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in alive(children):
+            os.kill(pid, signal.SIGKILL)
+        reader.join(10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
 # --- WebSocket keepalive -------------------------------------------------------------
 
 
-def self_signed(root: Path) -> ssl.SSLContext:
+def server_context(root: Path) -> ssl.SSLContext:
     """A server context with a fresh self-signed certificate for 127.0.0.1."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    alt = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(alt, critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    (root / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (root / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(root / "cert.pem", root / "key.pem")
+    ctx.load_cert_chain(*self_signed(root))
     return ctx
 
 
@@ -250,7 +309,7 @@ class KeepalivePeer:
 @pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
 def test_websocket_peer_keepalive_pings_are_answered(loop_thread, tmp_path, tls):
     peer = KeepalivePeer()
-    port, server = loop_thread.call(peer.start(self_signed(tmp_path) if tls else None))
+    port, server = loop_thread.call(peer.start(server_context(tmp_path) if tls else None))
     try:
         code, err, report = run_load(
             "--ws",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import signal
 import sys
 from typing import Any
 
@@ -113,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         tls=args.tls,
         stall_timeout=args.stall_timeout,
     )
-    report = Controller(plan, opts, live=sys.stderr.isatty()).run()
+    controller = Controller(plan, opts, live=sys.stderr.isatty())
+    report = controller.run()
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=1)
@@ -143,6 +145,11 @@ def run(args: argparse.Namespace) -> int:
             f"p50 {d['p50_ms']} ms p99 {d['p99_ms']} ms, {d['per_second']:,}/s",
             file=sys.stderr,
         )
+    if controller.interrupted:
+        name = signal.Signals(controller.interrupted).name
+        where = f": report in {args.report}" if args.report else ""
+        print(f"load: interrupted by {name}{where}", file=sys.stderr)
+        return 128 + controller.interrupted  # as a shell reports a death by that signal
     complete = c["peak"] == c["target"] and all(
         d["received"] == d["expected"] for d in report["deliveries"]
     )

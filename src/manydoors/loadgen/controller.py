@@ -7,12 +7,15 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection as Pipe
 from multiprocessing.connection import wait as wait_pipes
+from types import FrameType
 from typing import Any, Final, TextIO, cast
 
 from rich.console import Console
@@ -27,6 +30,7 @@ from .planner import Plan
 # Until every load process has reported once, the ramp is starting (forking, imports on
 # a busy machine), not stalled: the stall clock allows it at least this long.
 STARTUP_S: Final = 30.0
+STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +111,16 @@ class Controller:
         self.t0 = time.time()
         self.last_line = -1.0
         self.stalled: dict[str, Any] | None = None  # where the ramp stood when it stalled
+        self.signals: list[int] = []  # SIGINT/SIGTERM received: the first ends the run
+
+    @property
+    def interrupted(self) -> int:
+        """The signal that ended the run early (0: none)."""
+        return self.signals[0] if self.signals else 0
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Only noted here: the loops below poll at most a second and look at it.
+        self.signals.append(signum)
 
     def say(self, line: str) -> None:
         if self.live is not None:
@@ -152,7 +166,7 @@ class Controller:
                 except EOFError:
                     continue
                 self.latest[snap["agent"]] = snap
-            if left <= 0:
+            if left <= 0 or self.interrupted:
                 break
 
     def total(self, key: str) -> int:
@@ -210,7 +224,7 @@ class Controller:
         """
         start = moved = time.monotonic()
         last: tuple[int, ...] = ()
-        while True:
+        while not self.interrupted:
             self.poll(0.25)
             s = self.sample()
             self.show(s, "ramp")
@@ -263,7 +277,7 @@ class Controller:
         self.publish(n)
         deadline = time.monotonic() + self.opts.delivery_timeout
         received = 0
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.interrupted:
             self.poll(0.2)
             received = sum(s["received"].get(n, 0) for s in self.latest.values())
             if received >= expected:
@@ -278,7 +292,10 @@ class Controller:
                 pipe.send("stop")
         finals: dict[int, dict[str, Any]] = {}
         deadline = time.monotonic() + 120
-        while len(finals) < len(self.pipes) and time.monotonic() < deadline:
+        # A second SIGINT/SIGTERM means: do not wait for the figures, end the processes.
+        while (
+            len(finals) < len(self.pipes) and time.monotonic() < deadline and len(self.signals) < 2
+        ):
             for pipe in cast(list[Pipe], wait_pipes(self.pipes, timeout=1)):
                 try:
                     snap = pipe.recv()
@@ -295,6 +312,17 @@ class Controller:
         return list(finals.values())
 
     def run(self) -> dict[str, Any]:
+        """Ramp, broadcast, hold and report; SIGINT or SIGTERM cut it short, with a report."""
+        # Signal handlers can only be set from the main thread (cli.main is there).
+        handle = threading.current_thread() is threading.main_thread()
+        previous = {sig: signal.signal(sig, self.on_signal) for sig in STOP_SIGNALS if handle}
+        try:
+            return self.run_phases()
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def run_phases(self) -> dict[str, Any]:
         self.say(self.plan.describe())
         self.start()
         rounds: list[dict[str, Any]] = []
@@ -302,18 +330,23 @@ class Controller:
             self.live.start()
         try:
             self.ramp()
-            # The line a driving script waits for: from here on the load is held.
-            self.say(f"ramp done: {self.total('ready'):,} ready")
+            if not self.interrupted:
+                # The line a driving script waits for: from here on the load is held.
+                self.say(f"ramp done: {self.total('ready'):,} ready")
             hold_until = time.monotonic() + self.opts.hold
             if self.opts.api and self.opts.broadcasts:
                 for n in range(1, self.opts.broadcasts + 1):
+                    if self.interrupted:
+                        break
                     rounds.append(self.broadcast_round(n))
-            while time.monotonic() < hold_until:
+            while time.monotonic() < hold_until and not self.interrupted:
                 self.poll(min(1.0, max(0.0, hold_until - time.monotonic())))
                 self.show(self.sample(), "hold")
         finally:
             if self.live is not None:
                 self.live.stop()
+            if self.interrupted:
+                self.say(f"{signal.Signals(self.interrupted).name}: stopping the load processes")
             finals = self.stop()
         # The ramp ends at the last successful connect of the slowest process.
         ramp_s = max((s["ramp_seconds"] for s in self.latest.values()), default=0.0)
@@ -368,6 +401,7 @@ class Controller:
             },
             "stalled": self.stalled is not None,
             "stalled_at": self.stalled,
+            "interrupted": bool(self.interrupted),
             "connect_ms": percentiles(connect, 0.1),
             "rate_achieved": round(ok / ramp_s) if ramp_s else None,
             "ramp_seconds": round(ramp_s, 3),
