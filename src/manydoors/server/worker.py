@@ -21,7 +21,7 @@ import resource
 import signal
 import socket
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Final, cast
 
@@ -225,9 +225,8 @@ class Worker:
                         return False
                     counts.add(bucket, 1)
                     conn.ipb = bucket
-        due = self.tick + self.hello_ticks
         if self.verifier is not None:
-            self.hello_due.append((due, conn))
+            self.hello_due.append((self.tick + self.hello_ticks, conn))
         if self.websocket and self.read_ticks:
             self.handshake_due.append((self.tick + self.read_ticks, conn))
         return True
@@ -355,17 +354,15 @@ class Worker:
             if conn.transport is not None:
                 conn.transport.resume_reading()
         self.paused.clear()
-        for due in (self.hello_due, self.handshake_due):
-            while due and due[0][0] <= now:
-                conn = due.popleft()[1]
-                if due is self.handshake_due:
-                    if conn.transport is not None and getattr(conn, "head", None) is not None:
-                        self.mv[self.i_closed["read_timeout"]] += 1
-                        why = f"no WebSocket handshake within {self.spec.service.read_timeout:g} s"
-                        self.refuse(conn, "read_timeout", why, 408)
-                elif conn.user is None:
-                    why = f"no valid hello within {self.spec.service.hello_timeout:g} s"
-                    self.fail(conn, "unauthorized", why, "hello_timeout")
+        for conn in _due(self.handshake_due, now):
+            if conn.transport is not None and getattr(conn, "head", None) is not None:
+                self.mv[self.i_closed["read_timeout"]] += 1
+                why = f"no WebSocket handshake within {self.spec.service.read_timeout:g} s"
+                self.refuse(conn, "read_timeout", why, 408)
+        for conn in _due(self.hello_due, now):
+            if conn.transport is not None and conn.user is None:
+                why = f"no valid hello within {self.spec.service.hello_timeout:g} s"
+                self.fail(conn, "unauthorized", why, "hello_timeout")
         ping_at = now - self.ping_ticks if self.ping_ticks else -1
         dead = ping_at - self.pong_ticks
         stalled = now - self.read_ticks if self.read_ticks else -1
@@ -719,6 +716,12 @@ def _http_error(status: int, line: bytes) -> bytes:
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (status, _STATUS[status], len(line), line)
     )
+
+
+def _due(queue: deque[tuple[int, Connection]], now: int) -> Iterator[Connection]:
+    """Take the connections whose deadline (in ticks) has come from a queue in tick order."""
+    while queue and queue[0][0] <= now:
+        yield queue.popleft()[1]
 
 
 def _open_fds() -> int:
