@@ -42,7 +42,6 @@ import math
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from _common import machine, save, server
+from manydoors.launch import stop
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peers"))
 from _drive import LoadRun, Proxy, one_to_one, run_load
@@ -147,13 +147,7 @@ def _read_ready(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]
 
 def _stop(proc: subprocess.Popen[bytes], reaper: Reaper, timeout: float) -> None:
     reaper.look()
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop(proc, timeout)  # SIGTERM, then SIGKILL of that pid
     time.sleep(0.5)  # children exit once their parent is gone: give them a moment
     killed = reaper.kill_leftovers()
     if killed:

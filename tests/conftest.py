@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -144,6 +145,28 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     yield start
     for server in started:
         server.stop()
+
+
+class ApiPublisher(threading.Thread):
+    """Publishes {"n": 0}, {"n": 1}, ... to ``channel`` through the API until halted."""
+
+    def __init__(self, server: Server, every: float, channel: str = "news") -> None:
+        super().__init__(daemon=True)
+        self.server = server
+        self.every = every
+        self.channel = channel
+        self.seqs: list[int] = []  # the seq the API gave message n
+        self.error: BaseException | None = None
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.halt.is_set():
+                answer = self.server.publish(channel=self.channel, data={"n": len(self.seqs)})
+                self.seqs.append(answer["seq"])
+                self.halt.wait(self.every)
+        except BaseException as exc:  # reported by the test, not lost with the thread
+            self.error = exc
 
 
 def small(serve: Callable[..., Server], *flags: str, workers: int = 1, **kwargs: Any) -> Server:

@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import os
 import signal
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -21,8 +20,8 @@ from typing import Any
 
 import msgspec
 
+from conftest import ApiPublisher, wait_for
 from conftest import Client as LineClient
-from conftest import wait_for
 from manydoors.client import Client
 
 WORKERS = 3
@@ -94,26 +93,6 @@ class Held(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-
-
-class Publisher(threading.Thread):
-    """Publishes {"n": 0}, {"n": 1}, ... to "news" through the API until stopped."""
-
-    def __init__(self, server: Any) -> None:
-        super().__init__(daemon=True)
-        self.server = server
-        self.seqs: list[int] = []  # the seq the API gave message n
-        self.error: BaseException | None = None
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        try:
-            while not self.halt.is_set():
-                answer = self.server.publish(channel="news", data={"n": len(self.seqs)})
-                self.seqs.append(answer["seq"])
-                self.halt.wait(PUBLISH_EVERY)
-        except BaseException as exc:  # reported by the test, not lost with the thread
-            self.error = exc
 
 
 async def poll(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -194,7 +173,7 @@ def test_workers_killed_repeatedly_under_load_restart_and_lose_no_message(serve)
     server = serve(*SERVER)
     port = server.port()
     first_pids = server.worker_pids()
-    publisher = Publisher(server)
+    publisher = ApiPublisher(server, PUBLISH_EVERY)
 
     async def main() -> None:
         held: list[Held] = []

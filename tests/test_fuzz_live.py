@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import random
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from typing import Any
 
 import websockets
 
+from conftest import ApiPublisher
 from conftest import Client as LineClient
 from manydoors.client import Client
 from manydoors.loadgen.wsclient import read_frames
@@ -387,26 +387,6 @@ async def fuzz(ports: dict[str, int], seed: int) -> tuple[Counter[str], list[str
     return done, problems
 
 
-class Publisher(threading.Thread):
-    """Publishes {"n": 0}, {"n": 1}, ... to "news" through the API until stopped."""
-
-    def __init__(self, server: Any) -> None:
-        super().__init__(daemon=True)
-        self.server = server
-        self.seqs: list[int] = []
-        self.error: BaseException | None = None
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        try:
-            while not self.halt.is_set():
-                answer = self.server.publish(channel="news", data={"n": len(self.seqs)})
-                self.seqs.append(answer["seq"])
-                self.halt.wait(PUBLISH_EVERY)
-        except BaseException as exc:  # reported by the test, not lost with the thread
-            self.error = exc
-
-
 class WsReader:
     """A `websockets` client subscribed to "news", collecting its msg events."""
 
@@ -458,7 +438,7 @@ def test_fuzzed_traffic_harms_nobody_but_the_sender(serve):
     server = serve(config=CONFIG)
     ports = {name: server.port(name) for name in ("chat", "web")}
     pids = all_worker_pids(server)
-    publisher = Publisher(server)
+    publisher = ApiPublisher(server, PUBLISH_EVERY)
     print(f"fuzz seed {SEED}: replay with MANYDOORS_FUZZ_SEED={SEED}")
 
     async def main() -> None:
