@@ -408,10 +408,10 @@ class Worker:
         if op_id is None:
             return
         if self.dirty or self.unsynced:
-            # One SYNC per loop iteration covers every ack of the iteration: a burst of
-            # hellos costs the broker one round trip, not one per connection.
-            if not self.unsynced:
-                asyncio.get_running_loop().call_soon(self.sync)
+            # One SYNC per link write covers every ack since the last: a ramp of hellos
+            # costs the broker one round trip per Link.COALESCE_S, not one per connection.
+            if not self.unsynced and self.link is not None:
+                self.link.at_flush(self.sync)
             self.unsynced.append((conn, op_id))
         elif self.waiting:
             self.waiting[-1].append((conn, op_id))
