@@ -3,16 +3,20 @@
     ./run bench peers [--connections 100000] [--peers NAME,NAME] [--rate 20000]
                       [--broadcasts 3] [--messages 50000] [--peer-workers N] [--no-cap]
 
-Runs each server in turn on this machine (names: ``manydoors-tcp manydoors-ws asyncio
-uvloop websockets node-ws aiohttp``; the peers are in ``bench/peers/``), every one
+Runs each server in turn on this machine (names: ``manydoors-tcp manydoors-ws
+manydoors-tcp-1p asyncio uvloop websockets node-ws aiohttp``; the peers are in
+``bench/peers/``; ``manydoors-tcp-1p`` is manydoors asked for what a single-process
+peer is asked for, so that every column compares at equal count), every one
 with listen backlog 4096, no keepalive pings and no per-connection rate limits
 (manydoors' are turned off), and for each:
 
 1. reads the RSS, PSS and CPU time of all the server's processes at rest (the
    baseline) and how many connections its serving processes can hold: RLIMIT_NOFILE
    is per process, so a single-process peer is asked for only what its fd limit holds
-   and its row says so (``--no-cap`` asks anyway: the ramp then stalls and, after 60 s
-   without progress, the row records where);
+   and its row says so (``--no-cap`` asks anyway: the connects past the limit then
+   fail or stall, the load generator ends a ramp that has not moved for 60 s and holds
+   what is open, and the row says where; the peer's API, in the same process, may then
+   find no fd for the publish call, and the row says that too);
 2. runs ``manydoors load`` with the same flags (every connection says hello and
    subscribes to one channel, then ``--broadcasts`` messages go through the server's
    HTTP publish call, each carrying its send time). The API URL the load generator
@@ -30,7 +34,9 @@ server's processes / connections held; accept rate and connect p99 from the load
 report; per broadcast, time until the last recipient had it, deliveries/s and p99
 latency; 1:1 messages/s; server CPU seconds (user + system, all processes) per
 million deliveries. Load generator and server share the machine's cores. Writes
-bench/results/peers.json (``--name``) and prints the Markdown table.
+bench/results/peers.json (``--name``) and prints the Markdown table, with a last row
+for manydoors at 1,000,000 from the last ``./run bench c1m`` (bench/results/c1m.json,
+a separate run) when there is one.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import contextlib
 import json
 import math
 import os
+import resource
 import select
 import shutil
 import subprocess
@@ -50,12 +57,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from _common import machine, save, server
+from _common import RESULTS, machine, save, server
 from manydoors.launch import stop
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peers"))
-from _drive import LoadRun, Proxy, one_to_one, run_load
-from _procs import Reaper, Usage, fd_room, nofile, open_fds, usage
+from _drive import STALL_S, Proxy, one_to_one, run_load
+from _procs import FD_MARGIN, Reaper, Usage, fd_room, nofile, open_fds, usage
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEERS_DIR = os.path.join(HERE, "peers")
@@ -70,6 +77,7 @@ class Peer:
     processes: str  # how it uses processes, for the table ({holders}: serving processes)
     script: str | None = None  # bench/peers/SCRIPT (None: manydoors itself)
     node: bool = False
+    one_process_count: bool = False  # manydoors asked for what one process holds
 
 
 _MANYDOORS = (
@@ -79,6 +87,12 @@ _SINGLE = "single process, {why}"
 PEERS: dict[str, Peer] = {
     "manydoors-tcp": Peer("manydoors, TCP service", False, _MANYDOORS),
     "manydoors-ws": Peer("manydoors, WebSocket service", True, _MANYDOORS),
+    "manydoors-tcp-1p": Peer(
+        "manydoors, TCP service, at a single-process peer's count",
+        False,
+        _MANYDOORS,
+        one_process_count=True,
+    ),
     "asyncio": Peer(
         "asyncio streams, NDJSON",
         False,
@@ -169,6 +183,8 @@ def _node_ready() -> str | None:
 def running(peer: Peer, n: int, workers: int, log: str) -> Iterator[Target]:
     """The server of ``peer`` on free ports; every process of it stopped afterwards."""
     if peer.script is None and not peer.node:
+        if peer.one_process_count:  # at least what one process can hold (measure asks that)
+            n = min(n, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_MARGIN)
         flags = ["--max-connections", str(n), *MANYDOORS_FLAGS]
         flags += ["--protocol", "websocket"] if peer.ws else []
         with server(*flags) as srv:
@@ -219,9 +235,12 @@ def measure(key: str, peer: Peer, args: argparse.Namespace, workdir: str) -> dic
         pids = target.pids()
         base = usage(pids)
         base_fds = open_fds(target.holders)
-        room = min(fd_room(pid) for pid in target.holders) * len(target.holders)
+        room = min(fd_room(pid) for pid in target.holders)  # one process's, as for a peer
         manydoors = peer.script is None and not peer.node
-        asked = n if manydoors or args.no_cap else min(n, room)
+        if peer.one_process_count:
+            asked = min(n, room)
+        else:
+            asked = n if manydoors or args.no_cap else min(n, room * len(target.holders))
         row["processes"] = {
             "total": base.processes,
             "holding_connections": len(target.holders),
@@ -229,26 +248,29 @@ def measure(key: str, peer: Peer, args: argparse.Namespace, workdir: str) -> dic
         }
         row["baseline"] = {"rss_bytes": base.rss, "pss_bytes": base.pss}
         row["connections"] = {"asked": n, "requested": asked}
-        if asked < n:
+        limit = f"RLIMIT_NOFILE {nofile(target.holders[0]):,} per process"
+        if peer.one_process_count:
             row["connections"]["capped_by"] = (
-                f"what {len(target.holders)} serving process(es) hold under RLIMIT_NOFILE "
-                f"{nofile(target.holders[0]):,} per process"
+                f"as a single-process peer is, at most what one process holds under {limit} "
+                f"({room:,}), so that every column compares at equal count "
+                f"({len(target.holders)} workers serve it)"
+            )
+        elif asked < n:
+            row["connections"]["capped_by"] = (
+                f"what {len(target.holders)} serving process(es) hold under {limit}"
             )
         snaps: dict[str, Usage] = {}
-        stalled_ready: list[int] = []
+
+        def on_ramp_done() -> None:  # the reading should no publish come
+            snaps["ramp_done"] = usage(target.pids())
 
         def on_publish(count: int) -> None:
-            if count == 1:
+            if count == 1:  # every connection held and subscribed, nothing broadcast yet
                 snaps["held"] = usage(target.pids())
 
         def on_round(number: int) -> None:
             if number == args.broadcasts:
                 snaps["broadcasts_done"] = usage(target.pids())
-
-        def before_stop(run: LoadRun) -> None:
-            if "held" not in snaps and run.progress:
-                snaps["held"] = usage(target.pids())
-                stalled_ready.append(run.progress[1])
 
         proxy = Proxy(target.api, on_publish)
         report_path = os.path.join(workdir, f"{key}-load.json")
@@ -259,23 +281,25 @@ def measure(key: str, peer: Peer, args: argparse.Namespace, workdir: str) -> dic
             *("--broadcasts", str(args.broadcasts), "--delivery-timeout", "60"),
             *("--report", report_path),
         ]
-        timeout = 180 + asked / 500 + args.broadcasts * 65
+        timeout = 180 + STALL_S + asked / 500 + args.broadcasts * 65
         try:
-            run = run_load(flags, timeout, on_round, before_stop, key)
+            run = run_load(flags, timeout, on_ramp_done, on_round, key)
         finally:
             proxy.close()
         row["load_exit"] = run.code
         if run.stopped:
             row["notes"].append(f"load {run.stopped}")
+        if proxy.failed:
+            row["notes"].append(f"a publish call got no answer from the server: {proxy.failed}")
         if target.proc.poll() is not None:
             row["notes"].append(f"server exited ({target.proc.returncode}) during the load")
         report: dict[str, Any] = {}
         if os.path.exists(report_path):
             with open(report_path) as f:
                 report = json.load(f)
-        elif not run.stopped:
-            row["notes"].append("the load generator wrote no report: " + " / ".join(run.tail[-3:]))
-        figures(row, report, base, snaps, stalled_ready)
+        else:
+            row["notes"].append(f"the load generator wrote no report: {(run.tail or ['-'])[-1]}")
+        figures(row, report, base, snaps, run.ready)
         if target.proc.poll() is None:
             row["one_to_one"] = one_to_one_at_rest(target, peer.ws, base_fds, args.messages)
         died = target.proc.poll() is not None
@@ -311,14 +335,15 @@ def figures(
     report: dict[str, Any],
     base: Usage,
     snaps: dict[str, Usage],
-    stalled_ready: list[int],
+    ramp_ready: int | None = None,
 ) -> None:
-    """The row's figures from the load report and the server readings."""
+    """The row's figures from the load report (else ``ramp_ready``: its "ramp done"
+    line) and the server readings."""
     deliveries = report.get("deliveries", [])
     conns = report.get("connections", {})
-    held = deliveries[0]["expected"] if deliveries else conns.get("peak", 0)
-    if not report and stalled_ready:
-        held = stalled_ready[0]  # subscribed when the ramp stalled
+    # Held: subscribed at the first broadcast; without one, ready when the load stopped.
+    held = deliveries[0]["expected"] if deliveries else conns.get("ready", conns.get("peak"))
+    held = held if held is not None else ramp_ready or 0
     row["connections"].update(
         {"held": held, "peak": conns.get("peak"), "final": conns.get("final")}
     )
@@ -339,14 +364,15 @@ def figures(
         }
         for d in deliveries
     ]
-    if "held" in snaps and held:
-        grown = snaps["held"].rss - base.rss
+    at = snaps.get("held") or snaps.get("ramp_done")
+    if at and held:
+        grown = at.rss - base.rss
         row["memory"] = {
-            "rss_bytes": snaps["held"].rss,
-            "pss_bytes": snaps["held"].pss,
+            "rss_bytes": at.rss,
+            "pss_bytes": at.pss,
             "rss_growth_bytes": grown,
             "per_connection_bytes": round(grown / held, 1),
-            "pss_per_connection_bytes": round((snaps["held"].pss - base.pss) / held, 1),
+            "pss_per_connection_bytes": round((at.pss - base.pss) / held, 1),
         }
     if "held" in snaps and "broadcasts_done" in snaps:
         delivered = sum(d["received"] for d in deliveries)
@@ -356,6 +382,15 @@ def figures(
             "deliveries": delivered,
             "per_million_deliveries_s": round(cpu / delivered * 1e6, 2) if delivered else None,
         }
+    stalled = report.get("stalled_at")
+    if stalled:
+        row["notes"].append(
+            f"ramp stalled after {stalled['after_seconds']:.0f} s at open {stalled['open']:,} "
+            f"ready {stalled['ready']:,} (nothing moved for {stalled['still_seconds']:.0f} s): "
+            "the load held what was open" + (", broadcast to those ready" if deliveries else "")
+        )
+    if report.get("interrupted"):
+        row["notes"].append("the load generator was interrupted: figures up to there")
     short = [f"{d['n']}: {d['received']:,}/{d['expected']:,}" for d in deliveries]
     if any(d["received"] < d["expected"] for d in deliveries):
         row["notes"].append("not every subscriber got every message (" + ", ".join(short) + ")")
@@ -363,6 +398,42 @@ def figures(
         row["notes"].append(
             "load errors: " + ", ".join(f"{k} {v:,}" for k, v in row["errors"].items())
         )
+
+
+def c1m_row() -> dict[str, Any] | None:
+    """manydoors at 1,000,000, from the last ``./run bench c1m`` (a separate run), if any."""
+    path = os.path.join(RESULTS, "c1m.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        c1m = json.load(f)
+    srv = c1m["server"]
+    commit = (c1m.get("source") or {}).get("commit")  # not recorded by c1m.py yet
+    when = c1m["machine"]["date"] + (f", commit {commit[:7]}" if commit else "")
+    label = "manydoors, TCP service, 1,000,000 (from `./run bench c1m`, " + when + ")"
+    row: dict[str, Any] = {
+        "peer": "c1m",
+        "server": label,
+        "ws": False,
+        "source": "bench/results/c1m.json",
+        "processes": {
+            "total": None,  # c1m.json counts only the workers
+            "holding_connections": srv["workers"],
+            "mode": _MANYDOORS.format(holders=srv["workers"]),
+        },
+        "baseline": {"rss_bytes": srv["rss_bytes_at_start"]},
+        "connections": {"asked": c1m["connections"]["target"]},
+        "memory": {"per_connection_bytes": srv["user_bytes_per_connection"]},
+        "notes": [
+            "a separate run, not this one, with c1m's settings: ramp asked 30,000/s and "
+            "hold 60 s by default (c1m.json does not record them), server limits and "
+            "heartbeat on; baseline and growth are the RSS of the supervisor and workers; "
+            "c1m records no server CPU and no 1:1 rate"
+        ],
+    }
+    # The summary carries the load report's figures under the same names but the rate.
+    figures(row, {**c1m, "rate_achieved": c1m["ramp_per_second"]}, Usage(), {})
+    return row
 
 
 # --- the table -----------------------------------------------------------------------------
@@ -397,7 +468,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {r['server']} |" + " - |" * 11 + f" {r['error']} |")
             continue
         p, c, b = r["processes"], r["connections"], r.get("broadcast", [])
-        procs = f"{p['total']}: {p['mode']}"
+        procs = p["mode"] if p.get("total") is None else f"{p['total']}: {p['mode']}"
         held = f"{c.get('held', 0):,} / {c['asked']:,}"
         mem = r.get("memory", {}).get("per_connection_bytes")
         accept = r.get("accept", {})
@@ -476,6 +547,9 @@ def main() -> int:
         },
         "rows": [],
     }
+    extra = c1m_row()
+    if extra:
+        result["c1m_row"] = extra
     with tempfile.TemporaryDirectory(prefix="manydoors-peers-") as workdir:
         for key in keys:
             print(f"peers: === {key} ===", file=sys.stderr, flush=True)
@@ -484,7 +558,7 @@ def main() -> int:
             except Exception as exc:  # one peer failing must not lose the others' rows
                 row = {"peer": key, "server": PEERS[key].label, "error": repr(exc), "notes": []}
             result["rows"].append(row)
-            result["markdown"] = markdown(result["rows"])
+            result["markdown"] = markdown(result["rows"] + ([extra] if extra else []))
             save(args.name, result)
     print(result["markdown"])
     print(f"saved {os.path.join('bench', 'results', args.name + '.json')}", file=sys.stderr)

@@ -28,6 +28,7 @@ class Proxy:
 
     def __init__(self, upstream: str, on_publish: Callable[[int], None]) -> None:
         self.count = 0
+        self.failed: str | None = None  # why the server did not answer a publish
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -49,6 +50,9 @@ class Proxy:
                         status, answer = resp.status, resp.read()
                 except urllib.error.HTTPError as exc:
                     status, answer = exc.code, exc.read()
+                except OSError as exc:  # e.g. a server with every fd in use takes no call
+                    proxy.failed = repr(exc)
+                    status, answer = 502, json.dumps({"error": proxy.failed}).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(answer)))
@@ -71,36 +75,34 @@ class Proxy:
 # --- the load generator -----------------------------------------------------------------
 
 ROUND_LINE = re.compile(r"^load: message (\d+): .* received in ")
-RAMP_LINE = re.compile(r"^load: ramp: open ([\d,]+)/[\d,]+ ready ([\d,]+)")
-STALL_S = 60.0  # a ramp whose counts do not move for this long has stalled
+RAMP_DONE = re.compile(r"^load: ramp done: ([\d,]+) ready")  # printed after a stall too
+STALL_S = 60  # --stall-timeout: a ramp that stops moving this long ends, holding what is open
 
 
 @dataclass
 class LoadRun:
-    code: int | None = None  # None: it had to be stopped
-    stopped: str | None = None  # why it was stopped
-    progress: tuple[int, int] | None = None  # (open, ready) on its last ramp line
+    code: int | None = None
+    stopped: str | None = None  # why it was interrupted
+    ready: int | None = None  # from its "ramp done" line, should it write no report
     tail: list[str] = field(default_factory=list)
 
 
 def run_load(
     flags: list[str],
     timeout: float,
+    on_ramp_done: Callable[[], None],
     on_round: Callable[[int], None],
-    before_stop: Callable[[LoadRun], None],
     tag: str,
 ) -> LoadRun:
-    """``manydoors load FLAGS`` with its lines echoed; stopped if it stalls or overruns.
+    """``manydoors load FLAGS`` with its lines echoed; interrupted if it overruns.
 
-    The controller has no "stop now and report" (SIGINT stops its processes and loses
-    the report), so a stalled run is read here: ``before_stop`` gets the last counts.
+    The load generator ends a stalled ramp itself (and says where in its report); on
+    SIGINT it stops its processes and still writes the report.
     """
-    cmd = [sys.executable, "-m", "manydoors", "load", *flags]
+    cmd = [sys.executable, "-m", "manydoors", "load", "--stall-timeout", str(STALL_S), *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     reaper = Reaper(proc.pid)
     run = LoadRun()
-    moved = [time.monotonic()]
-    in_ramp = [True]
 
     def echo() -> None:
         assert proc.stderr is not None
@@ -108,40 +110,33 @@ def run_load(
             line = raw.decode(errors="replace").rstrip()
             print(f"[{tag}] {line}", file=sys.stderr, flush=True)
             run.tail[:] = [*run.tail[-20:], line]
-            ramp = RAMP_LINE.match(line)
+            ramp = RAMP_DONE.match(line)
             if ramp:
-                counts = (int(ramp[1].replace(",", "")), int(ramp[2].replace(",", "")))
-                if counts != run.progress:
-                    run.progress = counts
-                    moved[0] = time.monotonic()
+                run.ready = int(ramp[1].replace(",", ""))
+                on_ramp_done()
             done = ROUND_LINE.match(line)
             if done:
-                in_ramp[0] = False
                 on_round(int(done[1]))
 
     reader = threading.Thread(target=echo, daemon=True)
     reader.start()
     deadline = time.monotonic() + timeout
     try:
-        while proc.poll() is None:
-            reaper.look()
-            if time.monotonic() > deadline:
-                run.stopped = f"did not finish in {timeout:.0f} s"
-            elif in_ramp[0] and time.monotonic() - moved[0] > STALL_S:
-                run.stopped = f"ramp stalled for {STALL_S:.0f} s at (open, ready) {run.progress}"
-            if run.stopped:
-                print(f"peers: load {run.stopped}: stopping it", file=sys.stderr, flush=True)
-                before_stop(run)
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                break
+        while proc.poll() is None and time.monotonic() < deadline:
+            reaper.look()  # its load processes, to kill any it leaves behind
             time.sleep(1)
-        else:
-            run.code = proc.returncode
+        if proc.poll() is None:
+            run.stopped = f"did not finish in {timeout:.0f} s"
+            print(
+                f"peers: load {run.stopped}: SIGINT (it still reports)", file=sys.stderr, flush=True
+            )
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        run.code = proc.returncode
     finally:
         if proc.poll() is None:
             proc.kill()
