@@ -187,7 +187,10 @@ class TcpConnection(LineFramer, Connection):
         worker = self.worker
         if self._partial == b"":
             self.mark = worker.tick  # a new message begins
-        self.got = got = self.got + len(data)
+        got = self.got
+        if not got:
+            worker.active.append(self)  # its counts are zeroed at the next tick
+        self.got = got = got + len(data)
         if got > worker.bytes_per_tick:
             worker.throttle(self)
         for line in self.feed_lines(data, worker.max_message_bytes):
@@ -237,7 +240,10 @@ class WsConnection(WsFrameParser, Connection):
         worker = self.worker
         if self.head is None and self._buf == b"" and self._frag is None:
             self.mark = worker.tick  # a new frame begins
-        self.got = got = self.got + len(data)
+        got = self.got
+        if not got:
+            worker.active.append(self)  # its counts are zeroed at the next tick
+        self.got = got = got + len(data)
         if got > worker.bytes_per_tick:
             worker.throttle(self)
         if self.head is not None:
