@@ -54,8 +54,10 @@ def test_report_has_the_documented_schema(serve, tmp_path):
         "p99_ms",
         "max_ms",
         "per_second",
+        "error",
     }
-    assert delivery["expected"] == delivery["received"] == 50
+    assert delivery["expected"] == delivery["received"] == 50 and delivery["error"] is None
+    assert report["publish_failed"] == 0
     assert report["timeline"] and {"t", "open", "ready", "errors"} <= set(report["timeline"][0])
 
 

@@ -4,7 +4,9 @@
   backlog are timed out (no_answer), and a ramp that stops moving ends (stalled);
 - SIGINT/SIGTERM: the run ends, its processes with it, and the report is written;
 - a WebSocket peer with protocol keepalive (the ``websockets`` library): its pings are
-  answered, over TLS too, so it keeps the connections.
+  answered, over TLS too, so it keeps the connections;
+- a publish call that fails (an HTTP error, a closed connection, no answer, nothing
+  listening): the round says why, the next rounds are still tried, the report is written.
 
 The small servers run on an asyncio loop in a thread of the test; the load generator
 and ``manydoors serve`` are real processes, stopped by pid even when a test fails.
@@ -13,6 +15,7 @@ and ``manydoors serve`` are real processes, stopped by pid even when a test fail
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import os
 import re
@@ -32,7 +35,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 
 from certfix import self_signed
-from conftest import manydoors_cmd, run_load, wait_for
+from conftest import Server, manydoors_cmd, run_load, small, wait_for
 from manydoors.loadgen import wsclient
 
 T = TypeVar("T")
@@ -346,3 +349,165 @@ def test_pings_are_answered_with_masked_pongs_of_the_same_payload():
     assert wsclient.split_frames(ping[:3] + ping[3:])[1] == wsclient.masked_pong(b"abcd")
     # read_frames keeps its shape for the callers that only want the text.
     assert wsclient.read_frames(text + ping) == ([b"hello"], False, b"")
+
+
+# --- a publish that fails ------------------------------------------------------------
+
+
+class FlakyApi:
+    """An /api/publish in front of a real server that answers as scripted, one step a call.
+
+    "503": busy, as the API says it; "502": a proxy's bare error page; "close": closes
+    the connection without an answer; "hang": never answers (until the test ends);
+    "forward": publishes on the server; "forward_sigint": publishes, waits until the
+    server has written the message to every connection, then SIGINTs the load before
+    answering, so the signal lands while the round is in flight.
+    """
+
+    def __init__(self, server: Server, steps: list[str], recipients: int = 0) -> None:
+        self.server = server
+        self.steps = list(steps)
+        self.recipients = recipients
+        self.load_pid = 0
+        self.release = threading.Event()  # ends a "hang"
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                step = api.steps.pop(0) if api.steps else "forward"
+                if step == "503":
+                    self.answer(503, {"error": "busy", "reason": "the workers are behind"})
+                elif step == "502":
+                    self.send_error(502)
+                elif step == "hang":
+                    api.release.wait(60)
+                elif step.startswith("forward"):
+                    before = api.server.stats()["messages_out"]
+                    status, answer = api.server.http("POST", "/api/publish", body)
+                    if step == "forward_sigint":
+                        wait_for(
+                            lambda: api.server.stats()["messages_out"] >= before + api.recipients,
+                            10,
+                            "the broadcast to be written",
+                        )
+                        os.kill(api.load_pid, signal.SIGINT)
+                    self.answer(status, answer)
+                # "close", and after "hang": return without an answer (HTTP/1.0: it closes)
+
+            def answer(self, status: int, body: Any) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def flaky_api() -> Iterator[Any]:
+    made: list[FlakyApi] = []
+
+    def start(server: Server, steps: list[str], recipients: int = 0) -> FlakyApi:
+        api = FlakyApi(server, steps, recipients)
+        made.append(api)
+        return api
+
+    yield start
+    for api in made:
+        api.close()
+
+
+def test_failed_publishes_are_reported_and_the_next_rounds_still_run(serve, flaky_api, tmp_path):
+    server = small(serve)
+    api = flaky_api(server, ["503", "close", "502", "hang", "forward"])
+    started = time.monotonic()
+    code, err, report = run_load(
+        *server.target(50),
+        "--api",
+        api.url,
+        "--broadcasts",
+        "5",
+        "--delivery-timeout",
+        "5",  # how long the "hang" waits for its answer
+        report=tmp_path / "r.json",
+        timeout=120,
+    )
+    took = time.monotonic() - started
+    assert code == 1, err
+    assert "Traceback" not in err
+    deliveries = report["deliveries"]
+    assert [d["error"] for d in deliveries] == [
+        "HTTP 503 busy: the workers are behind",
+        "the server closed the connection without an answer",
+        "HTTP 502 Bad Gateway",
+        "no answer in time (--delivery-timeout)",
+        None,
+    ]
+    assert [(d["received"], d["expected"]) for d in deliveries] == [(0, 50)] * 4 + [(50, 50)]
+    assert report["publish_failed"] == 4
+    assert report["connections"]["ready"] == 50 and report["errors"] == {}
+    # A failed round waits for no deliveries: only the "hang" costs its 5 s.
+    assert took < 25, err
+    assert "load: message 1: publish failed: HTTP 503 busy: the workers are behind\n" in err
+    assert "load: message 2: publish failed: the server closed the connection" in err
+    assert "load: message 5: 50/50 p50" in err
+
+
+def test_publish_to_nothing_listening_is_econnrefused_and_the_report_is_written(serve, tmp_path):
+    server = small(serve)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens once this closes
+    code, err, report = run_load(
+        *server.target(20),
+        "--api",
+        f"http://127.0.0.1:{port}",
+        "--broadcasts",
+        "2",
+        report=tmp_path / "r.json",
+        timeout=60,
+    )
+    assert code == 1, err
+    assert [d["error"] for d in report["deliveries"]] == ["ECONNREFUSED: Connection refused"] * 2
+    assert [d["expected"] for d in report["deliveries"]] == [20, 20]
+    assert report["publish_failed"] == 2
+    assert err.count("publish failed: ECONNREFUSED: Connection refused") == 4  # live + summary
+
+
+def test_signal_during_a_broadcast_reports_what_had_arrived(serve, flaky_api, tmp_path):
+    server = small(serve)
+    api = flaky_api(server, ["forward_sigint"], recipients=50)
+    report_path = tmp_path / "r.json"
+    flags = ["--api", api.url, "--broadcasts", "1", "--report", str(report_path)]
+    cmd = manydoors_cmd("load", *server.target(50), *flags)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    api.load_pid = proc.pid
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGINT, err
+    report = json.loads(report_path.read_text())
+    assert report["interrupted"] is True
+    (delivery,) = report["deliveries"]
+    # The histogram and the count agree: both what the load's processes had got.
+    assert sum(report["histograms"]["delivery_ms"]["1"].values()) == 50
+    assert (delivery["received"], delivery["expected"]) == (50, 50)
+    assert delivery["p50_ms"] is not None and delivery["error"] is None

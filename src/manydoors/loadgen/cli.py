@@ -39,8 +39,19 @@ def add_parser(sub: Any) -> None:
         "this measures your own server, typically on loopback with a self-signed certificate",
     )
     p.add_argument("--api", help="server API URL, for --broadcasts")
-    p.add_argument("--broadcasts", type=int, default=0, help="messages to publish and time")
-    p.add_argument("--delivery-timeout", type=float, default=30)
+    p.add_argument(
+        "--broadcasts",
+        type=int,
+        default=0,
+        help="messages to publish and time; a publish that fails is reported and the run "
+        "goes on (exit code 1)",
+    )
+    p.add_argument(
+        "--delivery-timeout",
+        type=float,
+        default=30,
+        help="seconds a broadcast's publish, and then its deliveries, may take",
+    )
     p.add_argument(
         "--connect-timeout",
         type=float,
@@ -140,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
     for name, count in sorted(report["errors"].items(), key=lambda kv: -kv[1]):
         print(f"load: {count:>9,} {name}: {explain(name)}", file=sys.stderr)
     for d in report["deliveries"]:
+        if d["error"]:
+            print(f"load: message {d['n']}: publish failed: {d['error']}", file=sys.stderr)
+            continue
         print(
             f"load: message {d['n']}: {d['received']:,}/{d['expected']:,} "
             f"p50 {d['p50_ms']} ms p99 {d['p99_ms']} ms, {d['per_second']:,}/s",
@@ -150,7 +164,10 @@ def run(args: argparse.Namespace) -> int:
         where = f": report in {args.report}" if args.report else ""
         print(f"load: interrupted by {name}{where}", file=sys.stderr)
         return 128 + controller.interrupted  # as a shell reports a death by that signal
-    complete = c["peak"] == c["target"] and all(
-        d["received"] == d["expected"] for d in report["deliveries"]
+    # A failed publish fails the run even when nobody was ready to miss it.
+    complete = (
+        c["peak"] == c["target"]
+        and not report["publish_failed"]
+        and all(d["received"] == d["expected"] for d in report["deliveries"])
     )
     return 0 if complete and not report["errors"] and not report["stalled"] else 1

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import http.client
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -11,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.error
 from collections import Counter
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection as Pipe
@@ -70,6 +74,31 @@ def machine_info() -> dict[str, Any]:
         "fd_limit": {"soft": soft, "hard": hard},
         "port_range": list(read_port_range()),
     }
+
+
+def describe_publish_error(exc: Exception) -> str:
+    """One line for a failed publish: the HTTP status and the server's reason, or the errno."""
+    if isinstance(exc, urllib.error.HTTPError):
+        try:
+            body = json.loads(exc.read())
+        except (OSError, ValueError, http.client.HTTPException):
+            body = None  # a proxy's HTML page, or nothing
+        finally:
+            exc.close()
+        if isinstance(body, dict) and body.get("error"):
+            # The API's errors read {"error": code, "reason": text}.
+            reason = f": {body['reason']}" if body.get("reason") else ""
+            return f"HTTP {exc.code} {body['error']}{reason}"
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, Exception):
+        exc = exc.reason  # a failed connect: the OSError under it says which
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "the server closed the connection without an answer"
+    if isinstance(exc, OSError) and exc.errno is not None and exc.errno in errno.errorcode:
+        return f"{errno.errorcode[exc.errno]}: {exc.strerror}"
+    if isinstance(exc, TimeoutError):
+        return "no answer in time (--delivery-timeout)"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def percentiles(hist: Counter[int], scale: float) -> dict[str, float | None]:
@@ -268,13 +297,31 @@ class Controller:
         target: dict[str, Any] = (
             {"channel": self.opts.subscribe} if self.opts.subscribe else {"broadcast": True}
         )
-        post_json(self.opts.api.rstrip("/") + "/api/publish", {**target, "data": stamp})
+        url = self.opts.api.rstrip("/") + "/api/publish"
+        post_json(url, {**target, "data": stamp}, timeout=self.opts.delivery_timeout)
 
-    def broadcast_round(self, n: int) -> dict[str, Any]:
+    def broadcast_round(self, n: int) -> dict[str, Any] | None:
+        """Publish message ``n`` and count who got it; None if a signal came first."""
         self.poll(REPORT_EVERY + 0.1)  # fresh snapshots: "expected" is who is ready now
+        if self.interrupted:
+            return None
         expected = self.total("ready")
         t_pub = time.time()
-        self.publish(n)
+        try:
+            self.publish(n)
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            # One lost message must not lose the run's figures: record it and go on.
+            error = describe_publish_error(exc)
+            self.say(f"message {n}: publish failed: {error}")
+            took = round(time.time() - t_pub, 3)
+            return {
+                "n": n,
+                "expected": expected,
+                "received": 0,
+                "seconds": took,
+                "error": error,
+                "cut": False,
+            }
         deadline = time.monotonic() + self.opts.delivery_timeout
         received = 0
         while time.monotonic() < deadline and not self.interrupted:
@@ -284,7 +331,15 @@ class Controller:
                 break
         took = time.time() - t_pub
         self.say(f"message {n}: {received:,}/{expected:,} received in {took:.2f} s")
-        return {"n": n, "expected": expected, "received": received, "seconds": round(took, 3)}
+        return {
+            "n": n,
+            "expected": expected,
+            "received": received,
+            "seconds": round(took, 3),
+            "error": None,
+            # Cut short by a signal: the final snapshots will know better what arrived.
+            "cut": bool(self.interrupted) and received < expected,
+        }
 
     def stop(self) -> list[dict[str, Any]]:
         for pipe in self.pipes:
@@ -338,7 +393,9 @@ class Controller:
                 for n in range(1, self.opts.broadcasts + 1):
                     if self.interrupted:
                         break
-                    rounds.append(self.broadcast_round(n))
+                    done = self.broadcast_round(n)
+                    if done is not None:
+                        rounds.append(done)
             while time.monotonic() < hold_until and not self.interrupted:
                 self.poll(min(1.0, max(0.0, hold_until - time.monotonic())))
                 self.show(self.sample(), "hold")
@@ -362,24 +419,28 @@ class Controller:
         one (taken as it stopped, before closing its connections) when it sent it."""
         connect: Counter[int] = Counter()
         latency: dict[int, Counter[int]] = {}
+        arrived: Counter[int] = Counter()  # message -> recipients by the end of the run
         for f in finals:
+            arrived.update({int(k): v for k, v in f["received"].items()})
             connect.update({int(k): v for k, v in f["connect_hist"].items()})
             for n, hist in f["latency"].items():
                 latency.setdefault(int(n), Counter()).update({int(k): v for k, v in hist.items()})
         deliveries = []
         for r in rounds:
             p = percentiles(latency.get(r["n"], Counter()), 1.0)
+            received = max(r["received"], arrived[r["n"]]) if r["cut"] else r["received"]
             # Delivered to all by the slowest recipient's latency (bucket: 1 ms).
-            secs = max((p["max"] or 0) + 1, 1) / 1000 if r["received"] else r["seconds"]
+            secs = max((p["max"] or 0) + 1, 1) / 1000 if received else r["seconds"]
             deliveries.append(
                 {
                     "n": r["n"],
                     "expected": r["expected"],
-                    "received": r["received"],
+                    "received": received,
                     "p50_ms": p["p50"],
                     "p99_ms": p["p99"],
                     "max_ms": p["max"],
-                    "per_second": round(r["received"] / secs),
+                    "per_second": round(received / secs),
+                    "error": r["error"],  # why the publish failed; None if it did not
                 }
             )
         errors = self.errors()
@@ -409,6 +470,7 @@ class Controller:
             "errors_explained": {k: explain(k) for k in errors},
             "duplicates": self.total("duplicates"),
             "deliveries": deliveries,
+            "publish_failed": sum(1 for r in rounds if r["error"]),
             "load_rss_bytes": self.total("rss_bytes"),
             "load_rss_start_bytes": self.total("rss_start"),
             "timeline": self.timeline,

@@ -107,6 +107,8 @@ def _plot_deliveries(ax: Axes, report: dict[str, Any]) -> None:
     drawn = 0
     for d in deliveries[:MAX_DELIVERY_LINES]:
         label = f"message {d['n']}: {d['received']:,}/{d['expected']:,}"
+        if d.get("error"):
+            label += ", publish failed"
         if d.get("p99_ms") is not None:
             label += f", p99 {d['p99_ms']:g} ms"
         drawn += _cdf(ax, hists.get(str(d["n"])) or {}, DELIVERY_BUCKET_MS, label=label)
