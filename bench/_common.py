@@ -21,7 +21,8 @@ from manydoors.launch import serving
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from certfix import self_signed as self_signed  # re-exported for the bench scripts
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
 
 
 def machine() -> dict[str, Any]:
@@ -85,6 +86,16 @@ def wait_until(predicate: Any, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}")
         time.sleep(0.2)
+
+
+def source() -> dict[str, Any]:
+    """The commit measured, and whether src/ had uncommitted changes."""
+    git = ["git", "-C", HERE]
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "../src"], capture_output=True, text=True
+    )
+    return {"commit": head.stdout.strip() or None, "src_dirty": bool(dirty.stdout.strip())}
 
 
 def save(name: str, result: dict[str, Any]) -> str:

@@ -5,7 +5,11 @@
 Starts a server sized for the count and the load generator on this same machine,
 ramps, holds, broadcasts, stops everything, and writes to bench/results/:
 c1m.json (summary), c1m-load.json (the load report), c1m.png (its plot) and
-c1m-stats.json (the server's final /api/stats).
+c1m-stats.json (the server's final /api/stats). ``--name`` renames all four.
+
+The server's CPU over the broadcasts is measured as ``bench/peers.py`` does: the load
+generator publishes through a proxy that reads the CPU time of the server's process
+tree at the first publish, and the load's line for the last message ends the count.
 """
 
 from __future__ import annotations
@@ -13,11 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
+from typing import Any
 
-from _common import RESULTS, get, load, machine, save, server
+from _common import RESULTS, get, machine, save, server, source
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peers"))
+from _drive import STALL_S, Proxy, Readings, broadcast_cpu, run_load
+from _procs import Reaper
+
+SAMPLE_EVERY = 3.0  # seconds between two readings of the peak (stats, RSS, slab)
 
 
 def meminfo() -> dict[str, int]:
@@ -57,41 +67,39 @@ def main() -> int:
     with server("--max-connections", str(n), "--drain-timeout", "60", *proto) as srv:
         pids = srv.worker_pids()
         server_base = sum(rss(pid) for pid in pids) + rss(srv.proc.pid)
-        started = time.time()
-        gen = load(
+        readings = Readings(Reaper(srv.proc.pid).look, args.broadcasts)
+        next_sample = 0.0
+
+        def sample() -> None:  # called by run_load about once a second
+            nonlocal next_sample
+            if time.monotonic() < next_sample:
+                return
+            next_sample = time.monotonic() + SAMPLE_EVERY
+            try:
+                stats = srv.stats()
+            except OSError as exc:  # a supervisor busy with a million closes: skip
+                print(f"c1m: stats not answered ({exc}); going on", file=sys.stderr)
+                return
+            if stats["connections"] >= peak["connections"]:
+                peak["connections"] = stats["connections"]
+                peak["server_rss"] = sum(rss(pid) for pid in pids) + rss(srv.proc.pid)
+                peak["slab"] = meminfo()["Slab"]
+
+        proxy = Proxy(srv.api, readings.published)
+        flags = [
             *(["--ws"] if args.ws else []),
             *srv.target(n, args.rate),
-            "--subscribe",
-            "veg",
-            "--api",
-            srv.api,
-            "--broadcasts",
-            str(args.broadcasts),
-            "--hold",
-            str(args.hold),
-            "--delivery-timeout",
-            "60",
-            "--report",
-            paths["-load.json"],
-            "--plot",
-            paths[".png"],
-        )
+            *("--subscribe", "veg", "--api", proxy.url),
+            *("--broadcasts", str(args.broadcasts), "--hold", str(args.hold)),
+            *("--delivery-timeout", "60", "--report", paths["-load.json"], "--plot", paths[".png"]),
+        ]
+        # Past this the load is interrupted (SIGINT: it stops and still reports).
+        timeout = 180 + STALL_S + n / 500 + args.hold + args.broadcasts * 65
+        started = time.time()
         try:
-            while gen.poll() is None:
-                time.sleep(3)
-                try:
-                    stats = srv.stats()
-                except OSError as exc:  # a supervisor busy with a million closes: skip
-                    print(f"c1m: stats not answered ({exc}); going on", file=sys.stderr)
-                    continue
-                if stats["connections"] >= peak["connections"]:
-                    peak["connections"] = stats["connections"]
-                    peak["server_rss"] = sum(rss(pid) for pid in pids) + rss(srv.proc.pid)
-                    peak["slab"] = meminfo()["Slab"]
+            run = run_load(flags, timeout, readings.ramp_done, readings.round_done, "load", sample)
         finally:
-            if gen.poll() is None:  # interrupted: the load generator stops its processes
-                gen.send_signal(signal.SIGINT)
-                gen.wait(120)
+            proxy.close()
         final_stats = get(srv.api + "/api/stats", timeout=300)
         elapsed = time.time() - started
     with open(paths["-stats.json"], "w") as f:
@@ -102,8 +110,16 @@ def main() -> int:
     workers = len(final_stats["services"][0]["workers"])
     load_base = report["load_rss_start_bytes"]
     kernel = peak["slab"] - before["Slab"]
-    result = {
+    result: dict[str, Any] = {
         "machine": machine(),
+        "source": source(),
+        "settings": {
+            "connections": n,
+            "rate": args.rate,
+            "hold": args.hold,
+            "broadcasts": args.broadcasts,
+            "ws": args.ws,
+        },
         "connections": report["connections"],
         "errors": report["errors"],
         "ramp_per_second": report["rate_achieved"],
@@ -128,8 +144,17 @@ def main() -> int:
         },
         "deliveries": report["deliveries"],
         "elapsed_s": round(elapsed, 1),
+        "load_exit": run.code,
         "server_refused": final_stats["refused"],
     }
+    cpu = broadcast_cpu(readings.at, report["deliveries"])
+    if cpu:
+        result["cpu"] = cpu
+    notes = [f"load {run.stopped}"] if run.stopped else []
+    if proxy.failed:
+        notes.append(f"a publish call got no answer from the server: {proxy.failed}")
+    if notes:
+        result["notes"] = notes
     print(json.dumps(result, indent=1))
     print(f"saved {save(args.name, result)}", file=sys.stderr)
     return 0 if held == n and not report["errors"] else 1

@@ -57,11 +57,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from _common import RESULTS, machine, save, server
+from _common import RESULTS, machine, save, server, source
 from manydoors.launch import stop
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peers"))
-from _drive import STALL_S, Proxy, one_to_one, run_load
+from _drive import STALL_S, Proxy, Readings, broadcast_cpu, one_to_one, run_load
 from _procs import FD_MARGIN, Reaper, Usage, fd_room, nofile, open_fds, usage
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -259,20 +259,8 @@ def measure(key: str, peer: Peer, args: argparse.Namespace, workdir: str) -> dic
             row["connections"]["capped_by"] = (
                 f"what {len(target.holders)} serving process(es) hold under {limit}"
             )
-        snaps: dict[str, Usage] = {}
-
-        def on_ramp_done() -> None:  # the reading should no publish come
-            snaps["ramp_done"] = usage(target.pids())
-
-        def on_publish(count: int) -> None:
-            if count == 1:  # every connection held and subscribed, nothing broadcast yet
-                snaps["held"] = usage(target.pids())
-
-        def on_round(number: int) -> None:
-            if number == args.broadcasts:
-                snaps["broadcasts_done"] = usage(target.pids())
-
-        proxy = Proxy(target.api, on_publish)
+        readings = Readings(target.pids, args.broadcasts)
+        proxy = Proxy(target.api, readings.published)
         report_path = os.path.join(workdir, f"{key}-load.json")
         flags = [
             *(["--ws"] if peer.ws else []),
@@ -283,7 +271,7 @@ def measure(key: str, peer: Peer, args: argparse.Namespace, workdir: str) -> dic
         ]
         timeout = 180 + STALL_S + asked / 500 + args.broadcasts * 65
         try:
-            run = run_load(flags, timeout, on_ramp_done, on_round, key)
+            run = run_load(flags, timeout, readings.ramp_done, readings.round_done, key)
         finally:
             proxy.close()
         row["load_exit"] = run.code
@@ -299,7 +287,7 @@ def measure(key: str, peer: Peer, args: argparse.Namespace, workdir: str) -> dic
                 report = json.load(f)
         else:
             row["notes"].append(f"the load generator wrote no report: {(run.tail or ['-'])[-1]}")
-        figures(row, report, base, snaps, run.ready)
+        figures(row, report, base, readings.at, run.ready)
         if target.proc.poll() is None:
             row["one_to_one"] = one_to_one_at_rest(target, peer.ws, base_fds, args.messages)
         died = target.proc.poll() is not None
@@ -374,14 +362,9 @@ def figures(
             "per_connection_bytes": round(grown / held, 1),
             "pss_per_connection_bytes": round((at.pss - base.pss) / held, 1),
         }
-    if "held" in snaps and "broadcasts_done" in snaps:
-        delivered = sum(d["received"] for d in deliveries)
-        cpu = snaps["broadcasts_done"].cpu_s - snaps["held"].cpu_s
-        row["cpu"] = {
-            "broadcast_s": round(cpu, 2),
-            "deliveries": delivered,
-            "per_million_deliveries_s": round(cpu / delivered * 1e6, 2) if delivered else None,
-        }
+    cpu = broadcast_cpu(snaps, deliveries)
+    if cpu:
+        row["cpu"] = cpu
     stalled = report.get("stalled_at")
     if stalled:
         row["notes"].append(
@@ -408,9 +391,23 @@ def c1m_row() -> dict[str, Any] | None:
     with open(path) as f:
         c1m = json.load(f)
     srv = c1m["server"]
-    commit = (c1m.get("source") or {}).get("commit")  # not recorded by c1m.py yet
-    when = c1m["machine"]["date"] + (f", commit {commit[:7]}" if commit else "")
+    src = c1m.get("source") or {}  # c1m.json before the commit that added it: none
+    commit = src.get("commit")
+    when = c1m["machine"]["date"]
+    if commit:
+        when += f", commit {commit[:7]}" + (
+            " with uncommitted src/ changes" if src["src_dirty"] else ""
+        )
     label = "manydoors, TCP service, 1,000,000 (from `./run bench c1m`, " + when + ")"
+    settings = c1m.get("settings")
+    if settings:
+        asked = (
+            f"ramp asked {settings['rate']:,}/s, hold {settings['hold']:g} s, "
+            f"{settings['broadcasts']} broadcasts"
+        )
+    else:
+        asked = "ramp asked 30,000/s and hold 60 s by default (c1m.json does not record them)"
+    cpu = c1m.get("cpu")
     row: dict[str, Any] = {
         "peer": "c1m",
         "server": label,
@@ -425,14 +422,19 @@ def c1m_row() -> dict[str, Any] | None:
         "connections": {"asked": c1m["connections"]["target"]},
         "memory": {"per_connection_bytes": srv["user_bytes_per_connection"]},
         "notes": [
-            "a separate run, not this one, with c1m's settings: ramp asked 30,000/s and "
-            "hold 60 s by default (c1m.json does not record them), server limits and "
+            f"a separate run, not this one, with c1m's settings: {asked}, server limits and "
             "heartbeat on; baseline and growth are the RSS of the supervisor and workers; "
-            "c1m records no server CPU and no 1:1 rate"
+            + (
+                "CPU as for the rows above, the heartbeat's included; c1m measures no 1:1 rate"
+                if cpu
+                else "c1m measures no 1:1 rate, and this c1m.json no server CPU"
+            )
         ],
     }
     # The summary carries the load report's figures under the same names but the rate.
     figures(row, {**c1m, "rate_achieved": c1m["ramp_per_second"]}, Usage(), {})
+    if cpu:
+        row["cpu"] = cpu  # measured as figures() does for a row of this run
     return row
 
 
@@ -495,16 +497,6 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def source() -> dict[str, Any]:
-    """The commit measured, and whether src/ had uncommitted changes."""
-    git = ["git", "-C", HERE]
-    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(
-        [*git, "status", "--porcelain", "../src"], capture_output=True, text=True
-    )
-    return {"commit": head.stdout.strip() or None, "src_dirty": bool(dirty.stdout.strip())}
 
 
 def main() -> int:

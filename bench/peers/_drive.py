@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from _procs import Reaper
+from _procs import Reaper, Usage, usage
 
 from manydoors.loadgen import wsclient
 
@@ -74,9 +74,50 @@ class Proxy:
 
 # --- the load generator -----------------------------------------------------------------
 
-ROUND_LINE = re.compile(r"^load: message (\d+): .* received in ")
+# A round's end: its count, or its publish failed (the summary repeats that line).
+ROUND_LINE = re.compile(r"^load: message (\d+): (?:.* received in |publish failed: )")
 RAMP_DONE = re.compile(r"^load: ramp done: ([\d,]+) ready")  # printed after a stall too
 STALL_S = 60  # --stall-timeout: a ramp that stops moving this long ends, holding what is open
+
+
+class Readings:
+    """The server's usage at the load's milestones, taken by the callbacks below.
+
+    ``ramp_done`` (give it to run_load) at the load's "ramp done" line: the reading
+    should no publish come; ``published`` (to Proxy) at the first publish: every
+    connection held and subscribed, nothing broadcast yet; ``round_done`` (to run_load)
+    at the line of the last broadcast: the end of the broadcasts' CPU count.
+    """
+
+    def __init__(self, pids: Callable[[], list[int]], broadcasts: int) -> None:
+        self.pids = pids
+        self.broadcasts = broadcasts
+        self.at: dict[str, Usage] = {}
+
+    def ramp_done(self) -> None:
+        self.at["ramp_done"] = usage(self.pids())
+
+    def published(self, count: int) -> None:
+        if count == 1:
+            self.at["held"] = usage(self.pids())
+
+    def round_done(self, number: int) -> None:
+        # Once: a failed publish's line comes again in the summary, after the hold.
+        if number == self.broadcasts and "broadcasts_done" not in self.at:
+            self.at["broadcasts_done"] = usage(self.pids())
+
+
+def broadcast_cpu(at: dict[str, Usage], deliveries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Server CPU seconds (all its processes) over the broadcasts, per million deliveries."""
+    if "held" not in at or "broadcasts_done" not in at:
+        return None
+    delivered = sum(d["received"] for d in deliveries)
+    cpu = at["broadcasts_done"].cpu_s - at["held"].cpu_s
+    return {
+        "broadcast_s": round(cpu, 2),
+        "deliveries": delivered,
+        "per_million_deliveries_s": round(cpu / delivered * 1e6, 2) if delivered else None,
+    }
 
 
 @dataclass
@@ -93,11 +134,13 @@ def run_load(
     on_ramp_done: Callable[[], None],
     on_round: Callable[[int], None],
     tag: str,
+    tick: Callable[[], None] | None = None,
 ) -> LoadRun:
     """``manydoors load FLAGS`` with its lines echoed; interrupted if it overruns.
 
     The load generator ends a stalled ramp itself (and says where in its report); on
-    SIGINT it stops its processes and still writes the report.
+    SIGINT it stops its processes and still writes the report. ``tick`` is called
+    about once a second while it runs (a caller's own sampling).
     """
     cmd = [sys.executable, "-m", "manydoors", "load", "--stall-timeout", str(STALL_S), *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -124,6 +167,8 @@ def run_load(
     try:
         while proc.poll() is None and time.monotonic() < deadline:
             reaper.look()  # its load processes, to kill any it leaves behind
+            if tick is not None:
+                tick()
             time.sleep(1)
         if proc.poll() is None:
             run.stopped = f"did not finish in {timeout:.0f} s"
