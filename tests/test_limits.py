@@ -13,6 +13,7 @@ import subprocess
 import time
 
 import jwt
+import pytest
 
 from conftest import Client, small, wait_for
 
@@ -37,7 +38,8 @@ def refused(client: Client, code: str) -> dict:
 
 
 def test_messages_over_the_rate_get_rate_limited_and_are_not_done(serve, clients):
-    server = small(serve, "--max-messages-per-second", "5")
+    # read_timeout 4 s: scans (and the buckets' windows) every second (a quarter)
+    server = small(serve, "--max-messages-per-second", "5", "--read-timeout", "4")
     client = clients(server.port())
     for i in range(8):  # the bucket holds 5
         client.send({"op": "ping", "id": i})
@@ -181,8 +183,18 @@ def test_an_unfinished_websocket_handshake_is_closed_at_read_timeout(serve):
     assert server.stats()["closed"]["read_timeout"] == 1
 
 
-def test_heartbeat_pings_quiet_connections_and_closes_silent_ones(serve, clients):
-    server = small(serve, "--ping-interval", "0.5", "--ping-timeout", "0.5")
+@pytest.mark.parametrize(
+    "timeouts",
+    [
+        ("--ping-interval", "0.5", "--ping-timeout", "0.5"),  # a scan every tick
+        # hello_timeout sets a 0.1 s tick: the scan runs every 2nd tick, and a quiet
+        # connection must still get one ping per quiet interval, not one per tick
+        ("--hello-timeout", "0.4", "--ping-interval", "0.8", "--ping-timeout", "0.8"),
+    ],
+    ids=["scan-every-tick", "scan-every-2-ticks"],
+)
+def test_heartbeat_pings_quiet_connections_and_closes_silent_ones(serve, clients, timeouts):
+    server = small(serve, *timeouts)
     answering = clients(server.port())
     silent = clients(server.port())
     deadline = time.monotonic() + 3
@@ -198,7 +210,7 @@ def test_heartbeat_pings_quiet_connections_and_closes_silent_ones(serve, clients
     assert silent.closed()
     assert answering.call({"op": "ping", "id": 1})["ev"] == "pong"
     stats = server.stats()
-    assert stats["closed"]["ping_timeout"] == 1 and stats["pings"] >= 5
+    assert stats["closed"]["ping_timeout"] == 1 and stats["pings"] >= pings + 1
 
 
 def test_a_peer_that_stops_reading_and_answering_is_closed(serve):

@@ -80,3 +80,21 @@ def test_at_flush_hook_runs_once_and_its_frames_end_that_write() -> None:
         peer.close()
 
     uvloop.run(main())
+
+
+def test_a_message_frame_never_waits_and_takes_the_waiting_frames_along() -> None:
+    async def main() -> None:
+        link, peer = await _pair(coalesce=0.5)
+        link.send(Kind.SUB, "a")
+        await asyncio.sleep(0.05)
+        assert _writes(peer) == [[(Kind.SUB, "a")]]
+        link.send(Kind.USER_ON, "u")  # waits for the interval...
+        link.send(Kind.PUB, "a", b"[null,1]")  # ...until a message comes: both go now
+        await asyncio.sleep(0.05)
+        assert _writes(peer) == [[(Kind.USER_ON, "u"), (Kind.PUB, "a")]]
+        link.send(Kind.DELIVER_CHANNEL, "a", b"{}\n")
+        await asyncio.sleep(0.05)
+        assert _writes(peer) == [[(Kind.DELIVER_CHANNEL, "a")]]
+        peer.close()
+
+    uvloop.run(main())

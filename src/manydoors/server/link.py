@@ -15,14 +15,17 @@ class Link(asyncio.Protocol):
     """A framed stream over a Unix socketpair.
 
     Frames sent during one loop iteration are joined into one write, so a burst of
-    hellos or deliveries costs one syscall instead of thousands. Under a steady stream
-    the link also writes at most once per ``COALESCE_S``: every write wakes the other
-    process, and on few cores those wake-ups cost more than the frames (a ramp of
-    hellos, each needing a SYNC round trip, ran 25 % slower with a write per loop
-    iteration). A link idle for longer than that still writes at once.
+    hellos or deliveries costs one syscall instead of thousands. Interest frames and
+    barriers (``LAZY``) may also wait: the link writes them at most once per
+    ``COALESCE_S``, because every write wakes the other process, and on few cores
+    those wake-ups cost more than the frames (a ramp of hellos, each needing a SYNC
+    round trip, ran 25 % slower with a write per loop iteration). Messages and
+    deliveries never wait: a frame of any other kind flushes the link (with what
+    waits, in order) at the next loop iteration.
     """
 
     COALESCE_S = 0.002
+    LAZY = frozenset((Kind.SUB, Kind.UNSUB, Kind.USER_ON, Kind.USER_OFF, Kind.SYNC, Kind.SYNCED))
 
     def __init__(self, on_frame: FrameHandler, name: str = "") -> None:
         self.on_frame = on_frame
@@ -32,7 +35,8 @@ class Link(asyncio.Protocol):
         self.out: list[bytes] = []
         self.loop = asyncio.get_running_loop()  # asyncio.get_running_loop() is a getpid()
         self.flushed = 0.0  # loop time of the last write
-        self.scheduled = False
+        self.scheduled = False  # a flush is due (at the next iteration or later)
+        self.soon = False  # a flush is due at the next iteration
         self.before_flush: Callable[[], None] | None = None
         self.lost: asyncio.Future[None] = self.loop.create_future()
 
@@ -65,8 +69,12 @@ class Link(asyncio.Protocol):
         if self.transport is None:
             return
         self.out.append(frame)
-        if not self.scheduled:
-            self.schedule()
+        if frame[0] in self.LAZY:
+            if not self.scheduled:
+                self.schedule()
+        elif not self.soon:
+            self.soon = self.scheduled = True
+            self.loop.call_soon(self.flush)
 
     def at_flush(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` once just before the next write (it may send the last frames)."""
@@ -86,7 +94,7 @@ class Link(asyncio.Protocol):
         hook, self.before_flush = self.before_flush, None
         if hook is not None:
             hook()  # may queue the last frames of this write
-        self.scheduled = False
+        self.scheduled = self.soon = False
         if self.transport is not None and self.out:
             self.flushed = self.loop.time()
             out = self.out
