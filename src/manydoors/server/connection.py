@@ -110,7 +110,7 @@ class Connection(asyncio.Protocol):
             self.reject(exc)
             return
         self.sent = sent = self.sent + 1
-        if sent > worker.msgs_per_scan:
+        if sent > worker.msgs_per_tick:
             reason = f"more than {worker.spec.service.max_messages_per_second:g} messages/s"
             self.reject(ProtocolError("rate_limited", reason, getattr(op, "id", None)))
             return
@@ -187,8 +187,11 @@ class TcpConnection(LineFramer, Connection):
         worker = self.worker
         if self._partial == b"":
             self.mark = worker.tick  # a new message begins
-        self.got = got = self.got + len(data)
-        if got > worker.bytes_per_scan:
+        got = self.got
+        if not got:
+            worker.active.append(self)  # its counts are zeroed at the next tick
+        self.got = got = got + len(data)
+        if got > worker.bytes_per_tick:
             worker.throttle(self)
         for line in self.feed_lines(data, worker.max_message_bytes):
             if self.transport is None:
@@ -237,8 +240,11 @@ class WsConnection(WsFrameParser, Connection):
         worker = self.worker
         if self.head is None and self._buf == b"" and self._frag is None:
             self.mark = worker.tick  # a new frame begins
-        self.got = got = self.got + len(data)
-        if got > worker.bytes_per_scan:
+        got = self.got
+        if not got:
+            worker.active.append(self)  # its counts are zeroed at the next tick
+        self.got = got = got + len(data)
+        if got > worker.bytes_per_tick:
             worker.throttle(self)
         if self.head is not None:
             request = self.head + data

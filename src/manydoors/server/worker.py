@@ -115,9 +115,9 @@ class Worker:
         self.ip_counts: CountTable | None = None  # shared with the service's workers
         self.user_counts: CountTable | None = None
         # Timeouts run on a clock of ticks (no timer per connection: a timer handle is
-        # ~100 bytes). Every ``scan_ticks`` the sweep looks at every connection, which
-        # costs ~0.35 us each (a cache miss or two), so that scan runs at a quarter of
-        # the heartbeat and read timeouts, not every tick.
+        # ~100 bytes): every ``scan_ticks`` the sweep looks at every connection's
+        # ``mark``, which costs ~0.35 us per connection (a cache miss or two), so the
+        # scan runs at a quarter of the heartbeat and read timeouts, not every tick.
         self.tick = 0
         self.tick_s = tick_s = tick_seconds(svc)
 
@@ -129,21 +129,20 @@ class Worker:
         self.read_ticks = ticks(svc.read_timeout)
         self.hello_ticks = ticks(svc.hello_timeout)
         scanned = [t for t in (self.ping_ticks, self.pong_ticks, self.read_ticks) if t]
-        self.scan_ticks = max(1, min(scanned) // 4) if scanned else 1
+        self.scan_ticks = max(1, min(scanned) // 4) if scanned else 0
         # Deadlines of connections that must say a valid hello (token mode) or finish
         # the WebSocket handshake; appended in tick order, so each is a queue.
         self.hello_due: deque[tuple[int, Connection]] = deque()
         self.handshake_due: deque[tuple[int, Connection]] = deque()
-        # Rate limits as token buckets refilled whole at every scan: a connection
-        # counts what it sent since the last one (``sent``, ``got``), the scan zeroes
-        # the counts (a list of the connections that sent, to zero only those, cost
-        # 30 B per connection in heap fragments after a ramp). Reading of a connection
-        # over its bytes pauses until then.
-        window = tick_s * self.scan_ticks
+        # Rate limits as token buckets refilled whole at every tick: a connection
+        # counts what it sent since the last sweep (``sent``, ``got``), the sweep
+        # zeroes the counts of the connections in ``active`` (those that got bytes).
+        # Reading of a connection over its bytes pauses until then.
         rate, byte_rate = svc.max_messages_per_second, svc.max_bytes_per_second
-        self.msgs_per_scan = max(1, round(rate * window)) if rate else 1 << 62
-        self.bytes_per_scan = max(1, round(byte_rate * window)) if byte_rate else 1 << 62
+        self.msgs_per_tick = max(1, round(rate * tick_s)) if rate else 1 << 62
+        self.bytes_per_tick = max(1, round(byte_rate * tick_s)) if byte_rate else 1 << 62
         self.paused: set[Connection] = set()
+        self.active: list[Connection] = []
         # Readers over max_outbound_bytes: new messages for them are dropped (or they
         # are closed). Few at any time, so a set here rather than a flag in every one.
         self.slow: set[Connection] = set()
@@ -352,11 +351,18 @@ class Worker:
             self.sweep()
 
     def sweep(self) -> None:
-        """One tick: the hello and handshake deadlines; every scan_ticks, the scan."""
+        """One tick: refill the rate buckets, close or ping whoever is due."""
         self.tick = now = self.tick + 1
         if self.released >= TRIM_AFTER and _malloc_trim is not None:
             self.released = 0
             _malloc_trim(0)
+        for conn in self.active:
+            conn.sent = conn.got = 0
+        self.active.clear()
+        for conn in self.paused:
+            if conn.transport is not None:
+                conn.transport.resume_reading()
+        self.paused.clear()
         for conn in _due(self.handshake_due, now):
             if conn.transport is not None and getattr(conn, "head", None) is not None:
                 self.mv[self.i_closed["read_timeout"]] += 1
@@ -366,15 +372,8 @@ class Worker:
             if conn.transport is not None and conn.user is None:
                 why = f"no valid hello within {self.spec.service.hello_timeout:g} s"
                 self.fail(conn, "unauthorized", why, "hello_timeout")
-        if now % self.scan_ticks == 0:
-            self.scan(now)
-
-    def scan(self, now: int) -> None:
-        """Every connection: zero the rate counts, ping or close whoever is due."""
-        for conn in self.paused:
-            if conn.transport is not None:
-                conn.transport.resume_reading()
-        self.paused.clear()
+        if not self.scan_ticks or now % self.scan_ticks:
+            return
         ping_at = now - self.ping_ticks if self.ping_ticks else -1
         # A connection is pinged at the scan when it has been idle for ping_ticks and
         # less than one scan more: every mark falls in one such window, so one ping.
@@ -385,10 +384,6 @@ class Worker:
         late: list[tuple[Connection, str]] = []
         pinged = 0
         for conn in self.hub.conns:
-            if conn.sent:
-                conn.sent = 0
-            if conn.got:
-                conn.got = 0
             mark = conn.mark
             if mark > newest:
                 continue
