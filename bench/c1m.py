@@ -55,6 +55,12 @@ def main() -> int:
     p.add_argument("--broadcasts", type=int, default=3)
     p.add_argument("--name", default="c1m")
     p.add_argument("--ws", action="store_true", help="a websocket service, driven over WebSocket")
+    p.add_argument(
+        "--ping-interval",
+        default="0",
+        help="the server's heartbeat (default 0: off). At 1M its default 25 s is 40,000 "
+        "pings/s and as many pongs: on 2 cores that starves the ramp (docs/benchmarks.md)",
+    )
     args = p.parse_args()
     n = args.connections
     paths = {
@@ -64,7 +70,8 @@ def main() -> int:
     before = meminfo()
     peak: dict[str, int] = {"server_rss": 0, "slab": 0, "connections": 0}
     proto = ["--protocol", "websocket"] if args.ws else []
-    with server("--max-connections", str(n), "--drain-timeout", "60", *proto) as srv:
+    flags = ["--max-connections", str(n), "--drain-timeout", "60", "--ping-interval"]
+    with server(*flags, args.ping_interval, *proto) as srv:
         pids = srv.worker_pids()
         server_base = sum(rss(pid) for pid in pids) + rss(srv.proc.pid)
         readings = Readings(Reaper(srv.proc.pid).look, args.broadcasts)
@@ -119,6 +126,7 @@ def main() -> int:
             "hold": args.hold,
             "broadcasts": args.broadcasts,
             "ws": args.ws,
+            "ping_interval": float(args.ping_interval),
         },
         "connections": report["connections"],
         "errors": report["errors"],

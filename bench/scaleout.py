@@ -45,7 +45,6 @@ import json
 import math
 import os
 import resource
-import signal
 import subprocess
 import sys
 import tempfile
@@ -58,6 +57,7 @@ import redis
 import uvloop
 
 from _common import Server, machine, save, server
+from manydoors.launch import stop
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from redisfix import RedisServer
@@ -244,14 +244,8 @@ def start_load(log: str, *args: str) -> subprocess.Popen[bytes]:
 
 
 def stop_load(gen: subprocess.Popen[bytes]) -> None:
-    """SIGINT the load controller (it tells its processes to stop), SIGKILL its pid if stuck."""
-    if gen.poll() is None:
-        gen.send_signal(signal.SIGINT)
-        try:
-            gen.wait(120)
-        except subprocess.TimeoutExpired:
-            gen.kill()
-    gen.wait()
+    """SIGTERM the load controller (it tells its processes to stop), SIGKILL its pid if stuck."""
+    stop(gen, 120)
 
 
 def loadavg() -> list[float]:

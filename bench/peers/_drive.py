@@ -6,7 +6,6 @@ import contextlib
 import http.server
 import json
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 
 from _procs import Reaper, Usage, usage
 
+from manydoors.launch import stop
 from manydoors.loadgen import wsclient
 
 
@@ -173,14 +173,11 @@ def run_load(
         if proc.poll() is None:
             run.stopped = f"did not finish in {timeout:.0f} s"
             print(
-                f"peers: load {run.stopped}: SIGINT (it still reports)", file=sys.stderr, flush=True
+                f"peers: load {run.stopped}: SIGTERM (it still reports)",
+                file=sys.stderr,
+                flush=True,
             )
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc, 30)
         run.code = proc.returncode
     finally:
         if proc.poll() is None:
