@@ -171,6 +171,7 @@ class _Collector:
         for name, help_, key in (
             ("refused", "Connections refused, by reason", "refused"),
             ("closed", "Connections closed by the server, by reason", "closed"),
+            ("lost", "Connections that ended in a network error, by reason", "lost"),
             ("errors", "Error events sent to clients, by code", "errors"),
         ):
             family = CounterMetricFamily(

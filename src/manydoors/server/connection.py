@@ -88,6 +88,8 @@ class Connection(asyncio.Protocol):
         raise NotImplementedError
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.transport is not None:  # not one we closed
+            self.worker.lost(exc)
         self.transport = None
         self.worker.release(self)
 

@@ -21,6 +21,9 @@ CLOSED: Final = (
     "read_timeout",
     "ping_timeout",
 )
+# Connections that ended in an error the server did not cause (connection_lost with an
+# exception): a peer's reset, a kernel timeout (keepalive), anything else.
+LOST: Final = ("reset", "timed_out", "error")
 COUNTERS: Final = (
     "connections",
     "accepted",
@@ -31,6 +34,7 @@ COUNTERS: Final = (
     "throttled",  # times reading was paused for max_bytes_per_second
     "pings",
     *(f"closed_{r}" for r in CLOSED),
+    *(f"lost_{r}" for r in LOST),
     *(f"error_{code}" for code in ERROR_CODES),
 )
 COL: Final = {name: i for i, name in enumerate(COUNTERS)}

@@ -56,7 +56,7 @@ from .connection import Connection, TcpConnection, WsConnection
 from .hub import Hub, channels_of
 from .limits import CountTable, ip_bucket, is_loopback, tables, user_bucket
 from .link import Link
-from .stats import CLOSED, COL, CONNECTIONS, REFUSED, StatsTable
+from .stats import CLOSED, COL, CONNECTIONS, LOST, REFUSED, StatsTable
 from .tokens import TokenError, Verifier
 
 GC_THRESHOLDS: Final = (50_000, 20, 100)
@@ -181,6 +181,7 @@ class Worker:
         self.i_dropped = ix["dropped"]
         self.i_refused = {r: ix[f"refused_{r}"] for r in REFUSED}
         self.i_closed = {r: ix[f"closed_{r}"] for r in CLOSED}
+        self.i_lost = {r: ix[f"lost_{r}"] for r in LOST}
         self.i_throttled = ix["throttled"]
         self.i_pings = ix["pings"]
         self.ping = PING
@@ -280,6 +281,16 @@ class Worker:
                     link.send(Kind.UNSUB, channel)
             if gone is not None:
                 link.send(Kind.USER_OFF, gone)
+
+    def lost(self, exc: Exception) -> None:
+        """Count a connection that ended in an error we did not cause."""
+        if isinstance(exc, ConnectionResetError | BrokenPipeError):
+            reason = "reset"
+        elif isinstance(exc, TimeoutError):
+            reason = "timed_out"  # keepalive gave up on the peer
+        else:
+            reason = "error"
+        self.mv[self.i_lost[reason]] += 1
 
     def close(self, conn: Connection, reason: str, error: bytes = b"") -> None:
         """Say (an error and) bye with a reason and close.
