@@ -31,12 +31,13 @@ with listen backlog 4096, no keepalive pings and no per-connection rate limits
 
 Figures: user-space memory per connection = growth of the RSS summed over all the
 server's processes / connections held; accept rate and connect p99 from the load
-report; per broadcast, time until the last recipient had it, deliveries/s and p99
-latency; 1:1 messages/s; server CPU seconds (user + system, all processes) per
-million deliveries. Load generator and server share the machine's cores. Writes
-bench/results/peers.json (``--name``) and prints the Markdown table, with a last row
-for manydoors at 1,000,000 from the last ``./run bench c1m`` (bench/results/c1m.json,
-a separate run) when there is one.
+report, and the server's CPU from rest until every connection is held and subscribed
+(per connection: accept, hello, subscribe); per broadcast, time until the last
+recipient had it, deliveries/s and p99 latency; 1:1 messages/s; server CPU seconds
+(user + system, all processes) per million deliveries. Load generator and server
+share the machine's cores. Writes bench/results/peers.json (``--name``) and prints
+the Markdown table, with a last row for manydoors at 1,000,000 from the last ``./run
+bench c1m`` (bench/results/c1m.json, a separate run) when there is one.
 """
 
 from __future__ import annotations
@@ -362,6 +363,10 @@ def figures(
             "per_connection_bytes": round(grown / held, 1),
             "pss_per_connection_bytes": round((at.pss - base.pss) / held, 1),
         }
+        # The server's CPU from rest to all held: accepting, hello and subscribe. Load
+        # and server share the cores, so this, not the rate alone, is what a server
+        # spends per connection.
+        row["accept"]["server_cpu_us_per_connection"] = round((at.cpu_s - base.cpu_s) / held * 1e6)
     cpu = broadcast_cpu(snaps, deliveries)
     if cpu:
         row["cpu"] = cpu
@@ -401,9 +406,11 @@ def c1m_row() -> dict[str, Any] | None:
     label = "manydoors, TCP service, 1,000,000 (from `./run bench c1m`, " + when + ")"
     settings = c1m.get("settings")
     if settings:
+        ping = settings.get("ping_interval")
         asked = (
             f"ramp asked {settings['rate']:,}/s, hold {settings['hold']:g} s, "
-            f"{settings['broadcasts']} broadcasts"
+            f"{settings['broadcasts']} broadcasts, server limits on, heartbeat "
+            + (f"every {ping:g} s" if ping else "off" if ping is not None else "on")
         )
     else:
         asked = "ramp asked 30,000/s and hold 60 s by default (c1m.json does not record them)"
@@ -422,10 +429,10 @@ def c1m_row() -> dict[str, Any] | None:
         "connections": {"asked": c1m["connections"]["target"]},
         "memory": {"per_connection_bytes": srv["user_bytes_per_connection"]},
         "notes": [
-            f"a separate run, not this one, with c1m's settings: {asked}, server limits and "
-            "heartbeat on; baseline and growth are the RSS of the supervisor and workers; "
+            f"a separate run, not this one, with c1m's settings: {asked}; baseline and "
+            "growth are the RSS of the supervisor and workers; "
             + (
-                "CPU as for the rows above, the heartbeat's included; c1m measures no 1:1 rate"
+                "CPU as for the rows above; c1m measures no 1:1 rate"
                 if cpu
                 else "c1m measures no 1:1 rate, and this c1m.json no server CPU"
             )
@@ -458,11 +465,18 @@ def _one_to_one(one: dict[str, Any]) -> str:
     return f"{one['per_second']:,}"
 
 
+def _accept(accept: dict[str, Any]) -> str:
+    if not accept.get("rate_per_s"):
+        return "-"
+    cpu = accept.get("server_cpu_us_per_connection")
+    return f"{accept['rate_per_s']:,}" + (f" ({cpu} us)" if cpu is not None else "")
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = (
         "| server | processes | connections held / asked | baseline RSS | B per connection "
-        "| accept /s | connect p99 | broadcast: time to all | deliveries/s | delivery p99 "
-        "| 1:1 msg/s | CPU s per 1M deliveries | notes |"
+        "| accept /s (server CPU per connection) | connect p99 | broadcast: time to all "
+        "| deliveries/s | delivery p99 | 1:1 msg/s | CPU s per 1M deliveries | notes |"
     )
     lines = [head, "|" + " --- |" * 13]
     for r in rows:
@@ -486,7 +500,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             held,
             f"{r['baseline']['rss_bytes'] / 1e6:,.1f} MB",
             f"{mem:,.0f}" if mem is not None else "-",
-            f"{accept['rate_per_s']:,}" if accept.get("rate_per_s") else "-",
+            _accept(accept),
             f"{p99} ms" if p99 is not None else "-",
             _span([d["time_to_all_ms"] for d in b], lambda v: f"{v / 1000:.2f}", " s"),
             _span([d["per_second"] for d in b], lambda v: f"{v:,}", ""),
