@@ -130,22 +130,24 @@ def start_stops_accepting(loop_thread: LoopThread, answer: int) -> StopsAcceptin
     return server
 
 
-def test_server_that_stops_accepting_ends_the_ramp_with_no_answer(loop_thread, tmp_path):
+def ramp_200(
+    loop_thread: LoopThread, tmp_path: Any, connect_timeout: str, stall_timeout: str
+) -> tuple[int, str, dict[str, Any], float]:
+    """200 connections to a server that answers 20 and then stops accepting."""
     server = start_stops_accepting(loop_thread, answer=20)
     started = time.monotonic()
     code, err, report = run_load(
-        "--target",
-        f"127.0.0.1:{server.port}",
-        "--connections",
-        "200",
-        "--connect-timeout",
-        "1",
-        "--stall-timeout",
-        "30",  # not needed here: the timeouts alone end the ramp
+        *("--target", f"127.0.0.1:{server.port}", "--connections", "200"),
+        *("--connect-timeout", connect_timeout, "--stall-timeout", stall_timeout),
         report=tmp_path / "r.json",
         timeout=60,
     )
-    took = time.monotonic() - started
+    return code, err, report, time.monotonic() - started
+
+
+def test_server_that_stops_accepting_ends_the_ramp_with_no_answer(loop_thread, tmp_path):
+    # stall timeout 30 s: not needed here, the connect timeouts alone end the ramp
+    code, err, report, took = ramp_200(loop_thread, tmp_path, "1", "30")
     assert code == 1, err
     assert took < 20, err
     assert report["connections"]["ready"] == 20
@@ -161,21 +163,8 @@ def test_server_that_stops_accepting_ends_the_ramp_with_no_answer(loop_thread, t
 
 
 def test_ramp_that_stops_moving_is_ended_and_reported_as_stalled(loop_thread, tmp_path):
-    server = start_stops_accepting(loop_thread, answer=20)
-    started = time.monotonic()
-    code, err, report = run_load(
-        "--target",
-        f"127.0.0.1:{server.port}",
-        "--connections",
-        "200",
-        "--connect-timeout",
-        "60",  # nothing times out during the run: only the stall ends the ramp
-        "--stall-timeout",
-        "2",
-        report=tmp_path / "r.json",
-        timeout=60,
-    )
-    took = time.monotonic() - started
+    # connect timeout 60 s: nothing times out during the run, only the stall ends the ramp
+    code, err, report, took = ramp_200(loop_thread, tmp_path, "60", "2")
     assert code == 1, err
     assert took < 25, err
     assert report["stalled"] is True

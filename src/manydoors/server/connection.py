@@ -93,6 +93,15 @@ class Connection(asyncio.Protocol):
         self.transport = None
         self.worker.release(self)
 
+    def count_bytes(self, worker: Worker, n: int) -> None:
+        """Count ``n`` bytes received against max_bytes_per_second (pause reading if over)."""
+        got = self.got
+        if not got:
+            worker.active.append(self)  # its counts are zeroed at the next tick
+        self.got = got = got + n
+        if got > worker.bytes_per_tick:
+            worker.throttle(self)
+
     def pause_writing(self) -> None:
         self.worker.slow.add(self)
         if self.worker.slow_disconnect:
@@ -189,12 +198,7 @@ class TcpConnection(LineFramer, Connection):
         worker = self.worker
         if self._partial == b"":
             self.mark = worker.tick  # a new message begins
-        got = self.got
-        if not got:
-            worker.active.append(self)  # its counts are zeroed at the next tick
-        self.got = got = got + len(data)
-        if got > worker.bytes_per_tick:
-            worker.throttle(self)
+        self.count_bytes(worker, len(data))
         for line in self.feed_lines(data, worker.max_message_bytes):
             if self.transport is None:
                 return  # closed while handling an earlier line
@@ -242,12 +246,7 @@ class WsConnection(WsFrameParser, Connection):
         worker = self.worker
         if self.head is None and self._buf == b"" and self._frag is None:
             self.mark = worker.tick  # a new frame begins
-        got = self.got
-        if not got:
-            worker.active.append(self)  # its counts are zeroed at the next tick
-        self.got = got = got + len(data)
-        if got > worker.bytes_per_tick:
-            worker.throttle(self)
+        self.count_bytes(worker, len(data))
         if self.head is not None:
             request = self.head + data
             try:
