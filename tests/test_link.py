@@ -8,7 +8,7 @@ import socket
 import uvloop
 
 from manydoors.protocol.ipc import IpcParser, Kind
-from manydoors.server.link import Link
+from manydoors.node.link import Link
 
 
 async def _pair(coalesce: float) -> tuple[Link, socket.socket]:

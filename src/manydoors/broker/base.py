@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 from msgspec import Raw
 
-from ..server.link import Link
+from ..node.link import Link
 
 
 class PresenceResult(msgspec.Struct):

@@ -26,7 +26,7 @@ from msgspec import Raw
 
 from ..protocol.ipc import RECOVER_HEAD, RECOVERED_HEAD, TOKEN, Kind, encode_frame
 from ..protocol.messages import broadcast_line, dm_line, msg_line
-from ..server.link import Link
+from ..node.link import Link
 from .base import Broker, PresenceResult
 from .history import History, missed
 

@@ -39,7 +39,7 @@ from msgspec import Raw
 from redis.asyncio.cluster import RedisCluster
 
 from ..protocol.messages import broadcast_line, dm_line, msg_line
-from ..server.link import Link
+from ..node.link import Link
 from .base import PresenceResult
 from .history import missed
 from .local import PRESENCE_TIMEOUT, Gather, LocalBroker, answer_recover

@@ -38,7 +38,7 @@ from ..config import Config, ServiceConfig
 from ..protocol.ipc import Kind
 from ..protocol.messages import ERROR_CODES
 from .limits import shared_bytes, tables
-from .link import Link
+from ..node.link import Link
 from .stats import CLOSED, LOST, REFUSED, StatsTable
 from .tls import TlsError, server_context
 from .tokens import KeyFileError, Verifier

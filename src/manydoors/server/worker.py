@@ -55,7 +55,7 @@ from . import tls
 from .connection import Connection, TcpConnection, WsConnection
 from .hub import Hub, channels_of
 from .limits import CountTable, ip_bucket, is_loopback, tables, user_bucket
-from .link import Link
+from ..node.link import Link
 from .stats import CLOSED, COL, CONNECTIONS, LOST, REFUSED, StatsTable
 from .tokens import TokenError, Verifier
 

@@ -1,0 +1,1 @@
+"""What the supervisor, the broker and the workers share: the link, /proc, tuning constants."""
