@@ -16,10 +16,11 @@ from typing import Any
 
 from manydoors.apiclient import get_json as get
 from manydoors.launch import serving
+from manydoors.node import procfs
 
 # What tests and benchmarks share lives in tests/ (redisfix, certfix).
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from certfix import self_signed as self_signed  # re-exported for the bench scripts
+from support.certfix import self_signed as self_signed  # re-exported for the bench scripts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -27,8 +28,7 @@ RESULTS = os.path.join(HERE, "results")
 
 def machine() -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with open("/proc/meminfo") as f:
-        mem = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
+    mem = procfs.meminfo()["MemTotal"]
     return {
         "cores": os.cpu_count(),
         "memory_gib": round(mem / 2**30, 1),
@@ -70,14 +70,11 @@ def load(*args: str) -> subprocess.Popen[bytes]:
 
 
 def rss_pss(pid: int) -> tuple[int, int]:
-    rss = pss = 0
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Rss:"):
-                rss = int(line.split()[1]) * 1024
-            elif line.startswith("Pss:"):
-                pss = int(line.split()[1]) * 1024
-    return rss, pss
+    """RSS and PSS of a process under measurement: it must still be there."""
+    found = procfs.rss_pss(pid)
+    if found is None:
+        raise ProcessLookupError(f"no /proc/{pid}/smaps_rollup: the process is gone")
+    return found
 
 
 def wait_until(predicate: Any, timeout: float, what: str) -> None:

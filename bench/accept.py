@@ -16,20 +16,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 
 from _common import load, machine, save, self_signed, server
+from manydoors.node import procfs
 
 
 def one_run(args: argparse.Namespace, tls: list[str]) -> dict[str, float]:
     n = args.connections
     with server("--workers", str(args.workers), "--max-connections", str(n), *tls) as srv:
         pids = srv.worker_pids()
-        cpu_before = sum(_cpu_seconds(pid) for pid in pids)
+        cpu_before = sum(procfs.cpu_seconds(pid) or 0.0 for pid in pids)
         gen = load(
             *srv.target(n, args.rate),
             *(["--tls"] if tls else []),
@@ -47,7 +47,7 @@ def one_run(args: argparse.Namespace, tls: list[str]) -> dict[str, float]:
                 if samples[-1][1] >= n:
                     break
                 time.sleep(0.1)
-            cpu = sum(_cpu_seconds(pid) for pid in pids) - cpu_before
+            cpu = sum(procfs.cpu_seconds(pid) or 0.0 for pid in pids) - cpu_before
         finally:
             gen.wait(120)
 
@@ -67,12 +67,6 @@ def one_run(args: argparse.Namespace, tls: list[str]) -> dict[str, float]:
         # The workers' CPU (user + system) over the ramp, per connection accepted.
         "server_cpu_ms_per_connection": round(cpu * 1000 / max(1, samples[-1][1]), 3),
     }
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:

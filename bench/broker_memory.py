@@ -19,7 +19,7 @@ import sys
 from _common import load, machine, rss_pss, save, server, wait_until
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from redisfix import RedisServer
+from support.redisfix import RedisServer
 
 
 def measure(n: int, broker: list[str], redis: RedisServer | None) -> dict[str, float]:

@@ -27,24 +27,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peers"))
 from _drive import STALL_S, Proxy, Readings, broadcast_cpu, run_load
 from _procs import Reaper
 
+from manydoors.node import procfs
+
 SAMPLE_EVERY = 3.0  # seconds between two readings of the peak (stats, RSS, slab)
 
 
-def meminfo() -> dict[str, int]:
-    out = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            key, value = line.split(":")
-            out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
+def rss(pids: list[int]) -> int:
+    """Summed RSS of ``pids`` (a process that exited counts 0)."""
+    return sum(procfs.rss(pid) or 0 for pid in pids)
 
 
 def main() -> int:
@@ -67,13 +57,13 @@ def main() -> int:
         k: os.path.join(RESULTS, f"{args.name}{k}") for k in ("-load.json", ".png", "-stats.json")
     }
     os.makedirs(RESULTS, exist_ok=True)
-    before = meminfo()
+    before = procfs.meminfo()
     peak: dict[str, int] = {"server_rss": 0, "slab": 0, "connections": 0}
     proto = ["--protocol", "websocket"] if args.ws else []
     flags = ["--max-connections", str(n), "--drain-timeout", "60", "--ping-interval"]
     with server(*flags, args.ping_interval, *proto) as srv:
         pids = srv.worker_pids()
-        server_base = sum(rss(pid) for pid in pids) + rss(srv.proc.pid)
+        server_base = rss([*pids, srv.proc.pid])
         readings = Readings(Reaper(srv.proc.pid).look, args.broadcasts)
         next_sample = 0.0
 
@@ -89,8 +79,8 @@ def main() -> int:
                 return
             if stats["connections"] >= peak["connections"]:
                 peak["connections"] = stats["connections"]
-                peak["server_rss"] = sum(rss(pid) for pid in pids) + rss(srv.proc.pid)
-                peak["slab"] = meminfo()["Slab"]
+                peak["server_rss"] = rss([*pids, srv.proc.pid])
+                peak["slab"] = procfs.meminfo()["Slab"]
 
         proxy = Proxy(srv.api, readings.published)
         flags = [

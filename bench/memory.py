@@ -17,6 +17,7 @@ import sys
 import tempfile
 
 from _common import load, machine, rss_pss, save, self_signed, server, wait_until
+from manydoors.node import procfs
 
 
 def main() -> int:
@@ -39,7 +40,7 @@ def main() -> int:
     with server(*flags, *proto, *tls) as srv:
         pids = srv.worker_pids()
         base = {pid: rss_pss(pid) for pid in pids}
-        maps = {pid: _maps(pid) for pid in pids}
+        maps = {pid: procfs.mappings(pid) or 0 for pid in pids}
         gen = load(
             *(["--ws"] if args.ws else []),
             *(["--tls"] if args.tls else []),
@@ -55,7 +56,7 @@ def main() -> int:
             stats = srv.stats()
             held = {w["pid"]: w["connections"] for w in stats["services"][0]["workers"]}
             after = {pid: rss_pss(pid) for pid in pids}
-            maps_after = {pid: _maps(pid) for pid in pids}
+            maps_after = {pid: procfs.mappings(pid) or 0 for pid in pids}
         finally:
             gen.terminate()
             gen.wait()
@@ -89,11 +90,6 @@ def main() -> int:
     )
     print(f"saved {save(name, result)}", file=sys.stderr)
     return 0
-
-
-def _maps(pid: int) -> int:
-    with open(f"/proc/{pid}/maps") as f:
-        return sum(1 for _ in f)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Any
 from _common import Server, machine, save, server, wait_until
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from redisfix import RedisServer
+from support.redisfix import RedisServer
 
 LINE = b'{"op":"pub","channel":"rate","data":{"n":1}}\n'
 

@@ -58,9 +58,10 @@ import uvloop
 
 from _common import Server, machine, save, server
 from manydoors.launch import stop
+from manydoors.node import procfs
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from redisfix import RedisServer
+from support.redisfix import RedisServer
 
 CHANNEL = "scale"
 BURST_CHANNEL = "scale-burst"  # one subscriber per node: Redis's own cost per message
@@ -75,10 +76,11 @@ STALL = 60.0  # seconds without progress in messages_out before a phase gives up
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime of a process (all its threads): it must still be running."""
+    seconds = procfs.cpu_seconds(pid)
+    if seconds is None:
+        raise ProcessLookupError(f"no /proc/{pid}/stat: the process is gone")
+    return seconds
 
 
 def redis_info_cpu(port: int) -> float:
@@ -248,12 +250,6 @@ def stop_load(gen: subprocess.Popen[bytes]) -> None:
     stop(gen, 120)
 
 
-def loadavg() -> list[float]:
-    """1, 5 and 15 minute load averages: the machine is shared, so say how busy it was."""
-    with open("/proc/loadavg") as f:
-        return [float(x) for x in f.read().split()[:3]]
-
-
 def say(line: str) -> None:
     print(f"scaleout: {line}", file=sys.stderr, flush=True)
 
@@ -263,7 +259,8 @@ def run_setup(name: str, nodes: int, broker: str, args: argparse.Namespace) -> d
     n, s = args.connections, args.samples
     shares = [n // nodes + (1 if i < n % nodes else 0) for i in range(nodes)]
     load_shares = [*shares[:-1], shares[-1] - s]  # the samples are on the last node
-    say(f"setup {name}: {nodes} node(s), broker {broker}, subscribers {shares}, load {loadavg()}")
+    load = procfs.loadavg()  # the machine is shared: say how busy it was
+    say(f"setup {name}: {nodes} node(s), broker {broker}, subscribers {shares}, load {load}")
     with contextlib.ExitStack() as stack:
         rproc: RedisServer | None = None
         rport = 0
@@ -310,7 +307,7 @@ def run_setup(name: str, nodes: int, broker: str, args: argparse.Namespace) -> d
         result.update(
             {
                 "setup": name,
-                "loadavg_after": loadavg(),
+                "loadavg_after": procfs.loadavg(),
                 "nodes": nodes,
                 "broker": broker,
                 "subscribers_per_node": shares,

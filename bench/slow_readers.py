@@ -42,11 +42,11 @@ from typing import Any, Final
 
 from _common import machine, save, server
 from manydoors.apiclient import post_json
+from manydoors.node import procfs
 
 PER_HOLDER: Final = 15_000  # sockets per holder process, under RLIMIT_NOFILE (20,000)
 IP_BIND_ADDRESS_NO_PORT: Final = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 SUB: Final = b'{"op":"sub","channel":"news","id":1}\n'
-PAGE: Final = resource.getpagesize()
 
 
 def hold(port: int, count: int, source: str, pipe: Pipe) -> None:
@@ -131,32 +131,17 @@ class Publisher(threading.Thread):
             self.halt.wait(max(0.0, due - time.monotonic()))
 
 
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
 def tcp_mem() -> int:
     """Bytes of TCP buffer memory in use on the whole machine (/proc/net/sockstat)."""
-    with open("/proc/net/sockstat") as f:
-        for line in f:
-            if line.startswith("TCP:"):
-                fields = line.split()
-                return int(fields[fields.index("mem") + 1]) * PAGE
-    return 0
-
-
-def sysctl(name: str) -> list[int]:
-    with open(f"/proc/sys/{name}") as f:
-        return [int(x) for x in f.read().split()]
+    return procfs.tcp_sockstat().get("mem", 0) * procfs.PAGE
 
 
 def sample(srv: Any, t0: float, workers: list[int]) -> dict[str, Any]:
     stats = srv.stats()
     return {
         "t": round(time.monotonic() - t0, 2),
-        "workers_rss": sum(rss(pid) for pid in workers),
-        "supervisor_rss": rss(srv.proc.pid),
+        "workers_rss": sum(procfs.rss(pid) or 0 for pid in workers),
+        "supervisor_rss": procfs.rss(srv.proc.pid) or 0,
         "tcp_mem": tcp_mem(),
         "connections": stats["connections"],
         "closed_slow": stats["closed"]["slow"],
@@ -269,8 +254,8 @@ def main() -> int:
     runs = [one_policy(policy, i, args) for i, policy in enumerate(args.policies.split(","))]
     result = {
         "machine": machine(),
-        "tcp_wmem": sysctl("net/ipv4/tcp_wmem"),
-        "tcp_mem_pages": sysctl("net/ipv4/tcp_mem"),
+        "tcp_wmem": list(procfs.sysctl("net.ipv4.tcp_wmem") or ()),
+        "tcp_mem_pages": list(procfs.sysctl("net.ipv4.tcp_mem") or ()),
         "settings": {
             k: getattr(args, k)
             for k in ("clients", "seconds", "rate", "message_bytes", "max_outbound_bytes")

@@ -51,8 +51,8 @@ from typing import Any, Final, cast
 
 from _common import RESULTS, machine, save, server
 from manydoors.apiclient import get_json, post_json
+from manydoors.node import procfs
 
-PAGE: Final = resource.getpagesize()
 CHANNEL: Final = "soak"
 HOLD_MARGIN: Final = 30  # seconds the load holds past the soak, so that it ends by itself
 CHURN_SOURCES: Final = tuple(f"127.0.9.{i}" for i in range(1, 33))
@@ -232,38 +232,14 @@ def driver_main(port: int, probes: int, churn: int, lifetime: float, pipe: Pipe)
 # --- sampling -------------------------------------------------------------------------
 
 
-def proc_rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * PAGE
-    except OSError:
-        return 0
-
-
-def proc_fds(pid: int) -> int:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return 0
-
-
 def kernel() -> dict[str, int]:
-    out: dict[str, int] = {}
-    with open("/proc/net/sockstat") as f:
-        for line in f:
-            if line.startswith("TCP:"):
-                fields = line.split()[1:]
-                pairs = dict(zip(fields[::2], fields[1::2], strict=True))
-                out = {
-                    "tcp_inuse": int(pairs["inuse"]),
-                    "tcp_tw": int(pairs["tw"]),
-                    "tcp_mem_bytes": int(pairs["mem"]) * PAGE,
-                }
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("Slab:"):
-                out["slab_bytes"] = int(line.split()[1]) * 1024
-    return out
+    tcp = procfs.tcp_sockstat()
+    return {
+        "tcp_inuse": tcp["inuse"],
+        "tcp_tw": tcp["tw"],
+        "tcp_mem_bytes": tcp["mem"] * procfs.PAGE,
+        "slab_bytes": procfs.meminfo()["Slab"],
+    }
 
 
 def sample(api: str, supervisor: int, t0: float) -> dict[str, Any]:
@@ -272,10 +248,10 @@ def sample(api: str, supervisor: int, t0: float) -> dict[str, Any]:
     return {
         "t": round(time.monotonic() - t0, 1),
         "workers": workers,
-        "workers_rss": sum(proc_rss(pid) for pid in workers),
-        "workers_fds": sum(proc_fds(pid) for pid in workers),
-        "supervisor_rss": proc_rss(supervisor),
-        "supervisor_fds": proc_fds(supervisor),
+        "workers_rss": sum(procfs.rss(pid) or 0 for pid in workers),
+        "workers_fds": sum(procfs.open_fds(pid) or 0 for pid in workers),
+        "supervisor_rss": procfs.rss(supervisor) or 0,
+        "supervisor_fds": procfs.open_fds(supervisor) or 0,
         "connections": stats["connections"],
         "accepted": stats["accepted"],
         "messages_out": stats["messages_out"],

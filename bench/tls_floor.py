@@ -21,14 +21,10 @@ import tempfile
 
 from _common import machine, save, self_signed
 from manydoors.loadgen.tlspipe import client_context
+from manydoors.node import procfs
 from manydoors.server.tls import server_context
 
 Session = tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
 
 
 def pair(server: ssl.SSLContext, client: ssl.SSLContext) -> Session:
@@ -60,10 +56,10 @@ def main() -> int:
     for _ in range(200):  # warm up allocator pools and OpenSSL's caches
         pair(server, client)
     gc.collect()
-    before = _rss()
+    before = procfs.rss() or 0
     kept = [pair(server, client) for _ in range(args.sessions)]
     gc.collect()
-    growth = _rss() - before
+    growth = (procfs.rss() or 0) - before
     result = {
         "machine": machine(),
         "openssl": ssl.OPENSSL_VERSION,

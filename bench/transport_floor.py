@@ -18,6 +18,8 @@ import time
 
 import uvloop
 
+from manydoors.node import procfs
+
 N = 15_000
 
 
@@ -34,11 +36,6 @@ class Six(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t = transport
         self.a = self.b = self.c = self.d = self.e = None
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def main() -> int:
@@ -64,7 +61,7 @@ def main() -> int:
     try:
         os.read(r, 1)
         time.sleep(0.3)
-        before = rss(pid)
+        before = procfs.rss(pid) or 0
         held = []
         for i in range(N):
             s = socket.socket()
@@ -73,7 +70,7 @@ def main() -> int:
             s.connect(("127.0.0.1", port))
             held.append(s)
         time.sleep(2)
-        print(f"{kind}: {(rss(pid) - before) / N:.0f} bytes per idle connection")
+        print(f"{kind}: {((procfs.rss(pid) or 0) - before) / N:.0f} bytes per idle connection")
     finally:
         os.kill(pid, 9)
         os.waitpid(pid, 0)

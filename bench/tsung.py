@@ -49,9 +49,9 @@ from collections.abc import Callable
 from typing import Any
 
 from _common import machine, save, server
+from manydoors.node import procfs
 
 POLL_S = 0.25
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 STALL_S = 60.0
 PR_SET_CHILD_SUBREAPER = 36
 # As bench/peers.py: no per-connection rate limits, no heartbeat, the peers' backlog.
@@ -105,22 +105,18 @@ def tree(root: int) -> list[int]:
     while todo:
         pid = todo.pop()
         out.append(pid)
-        for path in glob.glob(f"/proc/{pid}/task/*/children"):
-            with contextlib.suppress(OSError), open(path) as f:
-                todo.extend(int(c) for c in f.read().split())
+        todo.extend(procfs.children(pid))
     return out
 
 
 def usage(pids: list[int]) -> tuple[int, float]:
-    """Summed VmRSS (bytes) and CPU time (user + system, s) of ``pids``."""
+    """Summed RSS (bytes, as VmRSS) and CPU time (user + system, s) of ``pids``."""
     rss, cpu = 0, 0.0
     for pid in pids:
-        with contextlib.suppress(OSError, StopIteration):
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-            with open(f"/proc/{pid}/status") as f:
-                rss += int(next(x for x in f if x.startswith("VmRSS:")).split()[1]) * 1024
-            cpu += (int(fields[11]) + int(fields[12])) / CLK_TCK
+        seconds, resident = procfs.cpu_seconds(pid), procfs.rss(pid)
+        if seconds is not None and resident is not None:  # else it exited meanwhile
+            rss += resident
+            cpu += seconds
     return rss, cpu
 
 
@@ -216,11 +212,8 @@ def mine(srv: Any) -> Callable[[], list[int]]:
 
 
 def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] == "Z"
-    except OSError:
-        return True
+    fields = procfs.stat(pid)
+    return fields is None or fields[0] == "Z"  # gone counts as reaped
 
 
 def _server_count(srv: Any) -> Callable[[], int]:

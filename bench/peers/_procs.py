@@ -7,39 +7,24 @@ import os
 import signal
 from dataclasses import dataclass
 
-from _common import rss_pss
+from manydoors.node import procfs
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 FD_MARGIN = 32  # spare fds per process when a peer is asked for what it can hold
-
-
-def _stat(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/stat") as f:
-        text = f.read()
-    return text[text.rindex(")") + 2 :].split()  # fields from 3 (state) on
 
 
 def tree(root: int) -> list[int]:
     """``root`` and all its descendants, from /proc."""
     children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            with contextlib.suppress(OSError, ValueError):
-                children.setdefault(int(_stat(int(name))[1]), []).append(int(name))
+    for pid in procfs.pids():
+        fields = procfs.stat(pid)
+        if fields is not None:  # else it exited between the listing and the read
+            children.setdefault(int(fields[1]), []).append(pid)
     out, todo = [], [root]
     while todo:
         pid = todo.pop()
         out.append(pid)
         todo.extend(children.get(pid, []))
     return out
-
-
-def started(pid: int) -> int | None:
-    """The start time of ``pid`` (clock ticks since boot), to tell a reused pid apart."""
-    try:
-        return int(_stat(pid)[19])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 @dataclass
@@ -53,35 +38,31 @@ class Usage:
 def usage(pids: list[int]) -> Usage:
     u = Usage()
     for pid in pids:
-        try:
-            rss, pss = rss_pss(pid)
-            fields = _stat(pid)
-        except OSError:
+        memory, cpu = procfs.rss_pss(pid), procfs.cpu_seconds(pid)
+        if memory is None or cpu is None:
             continue  # it exited between the listing and the read
-        u.rss += rss
-        u.pss += pss
-        u.cpu_s += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+        u.rss += memory[0]
+        u.pss += memory[1]
+        u.cpu_s += cpu
         u.processes += 1
     return u
 
 
 def nofile(pid: int) -> int:
     """The soft RLIMIT_NOFILE of ``pid`` (Node raises its own to the hard limit)."""
-    with open(f"/proc/{pid}/limits") as f:
-        return int(next(line for line in f if line.startswith("Max open files")).split()[3])
+    limits = procfs.nofile(pid)
+    if limits is None:
+        raise ProcessLookupError(f"no /proc/{pid}/limits: the process is gone")
+    return limits[0]
 
 
 def fd_room(pid: int) -> int:
     """Connections ``pid`` can still accept: its fd limit - open fds - a margin."""
-    return nofile(pid) - len(os.listdir(f"/proc/{pid}/fd")) - FD_MARGIN
+    return nofile(pid) - (procfs.open_fds(pid) or 0) - FD_MARGIN
 
 
 def open_fds(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            total += len(os.listdir(f"/proc/{pid}/fd"))
-    return total
+    return sum(procfs.open_fds(pid) or 0 for pid in pids)
 
 
 class Reaper:
@@ -94,7 +75,7 @@ class Reaper:
     def look(self) -> list[int]:
         pids = tree(self.root)
         for pid in pids:
-            start = started(pid)
+            start = procfs.started(pid)
             if start is not None:
                 self.seen.setdefault(pid, start)
         return pids
@@ -102,7 +83,7 @@ class Reaper:
     def kill_leftovers(self) -> list[int]:
         killed = []
         for pid, start in self.seen.items():
-            if started(pid) == start:  # still the process we started, not a reused pid
+            if procfs.started(pid) == start:  # still the process we started, not a reused pid
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)

@@ -30,7 +30,8 @@ def _serve_parser(sub: Any) -> None:
 def serve(args: argparse.Namespace) -> int:
     import uvloop
 
-    from .server.supervisor import StartupError, Supervisor
+    from .server.errors import StartupError
+    from .server.supervisor import Supervisor
 
     toml_text = None
     if args.config:

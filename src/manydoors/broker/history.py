@@ -1,7 +1,7 @@
 """Per-channel history of recent messages, for ``sub`` with ``since`` (no I/O, no clock).
 
-The local broker keeps every channel's last ``size`` messages here. The Redis broker
-keeps the messages it forwarded for the channels its node subscribes to, so a
+The local backplane keeps every channel's last ``size`` messages here. The Redis
+backplane keeps the messages it forwarded for the channels its node subscribes to, so a
 reconnecting client is usually answered without a Redis round trip; Redis holds the
 authoritative history of every channel.
 

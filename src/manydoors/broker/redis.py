@@ -1,8 +1,8 @@
-"""The Redis broker: several nodes sharing one Redis (or Redis Cluster) are one server.
+"""The Redis backplane: several nodes sharing one Redis (or Redis Cluster) are one server.
 
-Each node still routes between its own workers as the local broker does (this class
-extends it); Redis carries messages between nodes, and a node subscribes only to what
-its connections need:
+Each node still routes between its own workers with its ``Router``, which holds this
+backplane; Redis carries messages between nodes, and a node subscribes only to what
+its connections need (the router tells it when that changes):
 
 - a channel's topic while the node holds a subscriber of it,
 - a user's topic while the node holds a connection of that user, so a ``send`` to a
@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import random
 import secrets
 import time
@@ -38,65 +39,35 @@ import redis.asyncio as aioredis
 from msgspec import Raw
 from redis.asyncio.cluster import RedisCluster
 
-from ..protocol.messages import broadcast_line, dm_line, msg_line
 from ..node.link import Link
-from .base import PresenceResult
-from .history import missed
-from .local import PRESENCE_TIMEOUT, Gather, LocalBroker, answer_recover
+from ..protocol.ipc import Kind
+from ..protocol.messages import broadcast_line, dm_line, msg_line
+from .backplane import Backplane, answer_recover
+from .base import BrokerStats, PresenceResult, Published, RedisStats
+from .history import History, missed
+from .keys import (
+    BROADCAST,
+    HISTORY_SCRIPT,
+    PUBLISH_SCRIPT,
+    SEQ_TTL,
+    channel_topic,
+    node_topic,
+    publish_args,
+    safe_url,
+    split_at_seq,
+    tag,
+    untag,
+    user_topic,
+)
 from .pubsub import RawPipeline, RespConnection, Shard, bulks, pack
+from .router import PRESENCE_TIMEOUT, Gather
 
-SEQ_TTL: Final = 30 * 86400  # a channel's seq outlives its history by far (see docs)
 BACKOFF: Final = (0.1, 5.0)  # first and longest wait between reconnection attempts
 CATCH_UP: Final = 2.0  # seconds a recovery waits for pub/sub to reach Redis's history
-BROADCAST: Final = "md:b{all}"
 BATCH: Final = 1000  # publishes per pipeline round trip
-
-# KEYS: seq, history. ARGV: topic, line prefix, line suffix, size, ttl, seq ttl, push tag.
-_PUBLISH: Final = """
-local seq = redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-local line = ARGV[2] .. seq .. ARGV[3]
-local size = tonumber(ARGV[4])
-if size > 0 then
-  redis.call('RPUSH', KEYS[2], line)
-  redis.call('LTRIM', KEYS[2], -size, -1)
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
-end
-local n = redis.call('%s', ARGV[1], ARGV[7] .. seq .. ' ' .. line)
-return {seq, n}
-"""
-# KEYS: seq, history. The seq and the lines it ends, read atomically.
-_HISTORY: Final = "return {redis.call('GET', KEYS[1]) or '0', redis.call('LRANGE', KEYS[2], 0, -1)}"
 
 _encode_json: Final = msgspec.json.Encoder().encode
 _decode_part: Final = msgspec.json.Decoder(PresenceResult).decode
-
-
-def tag(name: str) -> str:
-    """A Redis hash tag for ``name``: all keys and the topic of a channel share a slot.
-
-    A name with a brace would end the tag early (and split a channel's keys over
-    slots), so such names are hex-encoded; the ``x`` keeps the two forms apart.
-    """
-    if "{" in name or "}" in name:
-        return "x{" + name.encode().hex() + "}"
-    return "{" + name + "}"
-
-
-def untag(topic: bytes, start: int) -> str:
-    """The name in ``topic`` from ``start`` (where its tag begins) to the end."""
-    part = topic[start:]
-    if part[:1] == b"x":
-        return bytes.fromhex(part[2:-1].decode()).decode()
-    return part[1:-1].decode()
-
-
-def channel_topic(channel: str) -> str:
-    return "md:c" + tag(channel)
-
-
-def user_topic(user: str) -> str:
-    return "md:u" + tag(user)
 
 
 @dataclass(slots=True)
@@ -110,21 +81,28 @@ class _Channel:
     waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
 
 
-class RedisBroker(LocalBroker):
+# A publish waiting to be sent: kind ("c" channel, "u" user, "b" broadcast), channel or
+# user, event line with seq 0, and the API's future (None for a worker's publish).
+_Outgoing = tuple[str, str, bytes, "asyncio.Future[Published] | None"]
+
+
+class RedisBackplane(Backplane):
+    """Nodes sharing one Redis: seqs and history in Redis, a topic per channel and user."""
+
     kind = "redis"
 
     def __init__(self, url: str, history_size: int = 100, history_ttl: float = 300.0) -> None:
-        super().__init__(history_size, history_ttl)
         self.url = url
+        self.history = History(history_size, history_ttl)  # of the channels forwarded here
         self.node = secrets.token_hex(6)
-        self.node_topic = f"md:n{{{self.node}}}".encode()
+        self.node_topic = node_topic(self.node).encode()
         self.cluster = False
         self.redis: Any = None  # redis.asyncio.Redis or RedisCluster
         self.shards: dict[str, Shard] = {}
         self.state: dict[str, _Channel] = {}
         self.degraded = True  # until connected and subscribed
         self.reconnecting: asyncio.Task[None] | None = None
-        self.outbox: deque[tuple[str, str, bytes, asyncio.Future[Any] | None]] = deque()
+        self.outbox: deque[_Outgoing] = deque()
         self.outbox_ready = asyncio.Event()
         # Subscription marks: a SYNC is answered once every subscription asked before
         # it is in effect (confirmed, and for a channel its seq read).
@@ -136,6 +114,7 @@ class RedisBroker(LocalBroker):
         self.inits: list[tuple[str, int]] = []  # channels whose seq is to be read
         self.inits_ready = asyncio.Event()
         self.remote: dict[int, Gather] = {}  # presence questions asked of other nodes
+        self.tokens = itertools.count(1)  # of those questions
         self.received = 0  # messages this node received from Redis
         self.sent = 0  # publishes this node sent to Redis
         self.local_only = 0  # publishes delivered only locally while degraded
@@ -145,14 +124,13 @@ class RedisBroker(LocalBroker):
     # --- connection -------------------------------------------------------------------
 
     async def start(self) -> None:
-        await super().start()
         probe = aioredis.Redis.from_url(self.url, socket_connect_timeout=2)
         try:
             info = await probe.info("cluster")
             self.cluster = bool(info.get("cluster_enabled"))
         except Exception as exc:
             raise ConnectionError(
-                f"redis broker: cannot reach {_safe_url(self.url)}: {exc}"
+                f"redis broker: cannot reach {safe_url(self.url)}: {exc}"
             ) from None
         finally:
             await probe.aclose()
@@ -162,21 +140,21 @@ class RedisBroker(LocalBroker):
             await self.redis.initialize()
         else:
             self.redis = aioredis.Redis.from_url(self.url, **opts)
-        self.script = _PUBLISH % ("spublish" if self.cluster else "publish")
+        self.script = PUBLISH_SCRIPT % ("spublish" if self.cluster else "publish")
         self.sha = hashlib.sha1(self.script.encode()).hexdigest()
         self.pipeline = RawPipeline(self.url)
-        self.spawn(self._publisher())
-        self.spawn(self._initializer())
+        self.router.spawn(self._publisher())
+        self.router.spawn(self._initializer())
         try:
             await asyncio.wait_for(self._recovered_at(await self._connect()), 10)
         except Exception as exc:
-            url = _safe_url(self.url)
+            url = safe_url(self.url)
             raise ConnectionError(f"redis broker: cannot subscribe on {url}: {exc}") from None
 
     async def close(self) -> None:
         for shard in self.shards.values():
             await shard.close()
-        await super().close()
+        await self.router.cancel_tasks()  # before the client they use goes
         if self.redis is not None:
             await self.redis.aclose()
 
@@ -222,8 +200,8 @@ class RedisBroker(LocalBroker):
         for st in self.state.values():
             st.ready = False
         topics = [BROADCAST.encode(), self.node_topic]
-        topics += [channel_topic(c).encode() for c in self.channels]
-        topics += [user_topic(u).encode() for u in self.users]
+        topics += [channel_topic(c).encode() for c in self.router.channels]
+        topics += [user_topic(u).encode() for u in self.router.users]
         last = 0
         for topic in topics:
             last = self._subscribe(topic)
@@ -240,7 +218,7 @@ class RedisBroker(LocalBroker):
             self.last_error = f"{type(exc).__name__}: {exc}"
         self.degraded = True
         for each in {shard, *self.shards.values()}:
-            self.spawn(each.close())
+            self.router.spawn(each.close())
         self.shards = {}
         # Nothing asked of Redis will be confirmed now: let every waiting SYNC through.
         self.awaiting.clear()
@@ -250,7 +228,7 @@ class RedisBroker(LocalBroker):
             st.ready = True
             self._flush_channel(channel, st)
         if self.reconnecting is None or self.reconnecting.done():
-            self.reconnecting = self.spawn(self._reconnect())
+            self.reconnecting = self.router.spawn(self._reconnect())
 
     async def _reconnect(self) -> None:
         delay = BACKOFF[0]
@@ -297,20 +275,19 @@ class RedisBroker(LocalBroker):
         for link, needs in list(self.syncs.items()):
             while needs and needs[0] <= self.watermark:
                 needs.popleft()
-                super().sync(link)
+                link.send(Kind.SYNCED)
             if not needs:
                 del self.syncs[link]
 
     def sync(self, link: Link) -> None:
         needs = self.syncs.get(link)
         if needs is None and self.issued <= self.watermark:
-            super().sync(link)
+            link.send(Kind.SYNCED)
         else:
             self.syncs.setdefault(link, deque()).append(self.issued)
 
-    def detach(self, link: Link) -> None:
+    def forget(self, link: Link) -> None:
         self.syncs.pop(link, None)
-        super().detach(link)
 
     def channel_added(self, channel: str) -> None:
         self.state[channel] = _Channel(ready=not self.shards)
@@ -383,7 +360,7 @@ class RedisBroker(LocalBroker):
     def _on_message(self, topic: bytes, payload: bytes) -> None:
         head = topic[:4]
         if head == b"md:u":
-            self.deliver_user(untag(topic, 4), payload)
+            self.router.deliver_user(untag(topic, 4), payload)
         elif head == b"md:c":
             channel = untag(topic, 4)
             space = payload.index(b" ")
@@ -397,9 +374,9 @@ class RedisBroker(LocalBroker):
                         st.buffer.append((seq, payload[space + 1 :]))
             elif payload[:1] == b"p":  # a presence question: p<node> <token>
                 asker, token = payload[1:space].decode(), int(payload[space + 1 :])
-                self.spawn(self._answer_remote_presence(channel, asker, token))
+                self.router.spawn(self._answer_remote_presence(channel, asker, token))
         elif head == b"md:b":
-            self.deliver_all(payload[payload.index(b" ") + 1 :])
+            self.router.deliver_all(payload[payload.index(b" ") + 1 :])
         elif topic == self.node_topic and payload[:1] == b"r":
             space = payload.index(b" ")
             gather = self.remote.get(int(payload[1:space]))
@@ -411,7 +388,7 @@ class RedisBroker(LocalBroker):
             return  # published before this node's subscription took effect
         st.last = seq
         self.history.add(channel, seq, line, time.monotonic())
-        self.deliver_channel(channel, line)
+        self.router.deliver_channel(channel, line)
         if st.waiters:
             for _want, fut in [w for w in st.waiters if w[0] <= seq]:
                 if not fut.done():
@@ -420,32 +397,28 @@ class RedisBroker(LocalBroker):
 
     # --- publishing -------------------------------------------------------------------
 
-    def pub_channel(self, channel: str, sender: str | None, data: Raw) -> dict[str, Any]:
-        self._queue("c", channel, msg_line(channel, 0, sender, data), None)
-        return {}
+    def worker_pub(self, channel: str, sender: str | None, data: Raw) -> None:
+        self.outbox.append(("c", channel, msg_line(channel, 0, sender, data), None))
+        self.outbox_ready.set()
 
-    def pub_user(self, user: str, sender: str | None, data: Raw) -> dict[str, Any]:
-        self._queue("u", user, dm_line(sender, data), None)
-        return {}
+    def worker_send(self, user: str, sender: str | None, data: Raw) -> None:
+        self.outbox.append(("u", user, dm_line(sender, data), None))
+        self.outbox_ready.set()
 
-    async def publish_channel(self, channel: str, sender: str | None, data: Raw) -> dict[str, Any]:
+    async def publish_channel(self, channel: str, sender: str | None, data: Raw) -> Published:
         return await self._ask("c", channel, msg_line(channel, 0, sender, data))
 
-    async def publish_user(self, user: str, sender: str | None, data: Raw) -> dict[str, Any]:
+    async def publish_user(self, user: str, sender: str | None, data: Raw) -> Published:
         return await self._ask("u", user, dm_line(sender, data))
 
-    async def broadcast(self, sender: str | None, data: Raw) -> dict[str, Any]:
+    async def broadcast(self, sender: str | None, data: Raw) -> Published:
         return await self._ask("b", "", broadcast_line(0, sender, data))
 
-    async def _ask(self, kind: str, key: str, line: bytes) -> dict[str, Any]:
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._queue(kind, key, line, fut)
-        return await fut
-
-    def _queue(self, kind: str, key: str, line: bytes, fut: asyncio.Future[Any] | None) -> None:
-        self.published += 1
+    async def _ask(self, kind: str, key: str, line: bytes) -> Published:
+        fut: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
         self.outbox.append((kind, key, line, fut))
         self.outbox_ready.set()
+        return await fut
 
     async def _publisher(self) -> None:
         """Send queued publishes in order, pipelined: one round trip per batch."""
@@ -471,19 +444,12 @@ class RedisBroker(LocalBroker):
                 if isinstance(result, Exception):
                     fut.set_exception(result)
                 elif kind == "u":
-                    fut.set_result({"nodes": int(result)})
+                    fut.set_result(Published(nodes=int(result)))
                 else:
-                    fut.set_result({"seq": int(result[0]), "nodes": int(result[1])})
-
-    def _args(self, kind: str, key: str, line: bytes) -> tuple[bytes, ...]:
-        """What varies between publishes: topic (and keys), and the line around its seq."""
-        if kind == "u":
-            return (user_topic(key).encode(), line)
-        topic = f"md:c{tag(key)}".encode() if kind == "c" else BROADCAST.encode()
-        return (topic + b":s", topic + b":h", topic, *_split_at_seq(line))
+                    fut.set_result(Published(seq=int(result[0]), nodes=int(result[1])))
 
     def _fixed(self, kind: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        """What every publish of a kind repeats, before and after ``_args``."""
+        """What every publish of a kind repeats, before and after ``publish_args``."""
         if kind == "u":
             return ("SPUBLISH" if self.cluster else "PUBLISH",), ()
         size = self.history.size if kind == "c" else 0
@@ -492,20 +458,20 @@ class RedisBroker(LocalBroker):
         head = ("EVAL", self.script, 2) if self.cluster else ("EVALSHA", self.sha, 2)
         return head, tail
 
-    async def _execute(self, batch: list[tuple[str, str, bytes, Any]]) -> list[Any]:
+    async def _execute(self, batch: list[_Outgoing]) -> list[Any]:
         fixed = {kind: self._fixed(kind) for kind in ("c", "u", "b")}
         if self.cluster:
             pipe = self.redis.pipeline(transaction=False)
             for kind, key, line, _ in batch:
                 head, tail = fixed[kind]
-                pipe.execute_command(*head, *self._args(kind, key, line), *tail)
+                pipe.execute_command(*head, *publish_args(kind, key, line), *tail)
             return list(await pipe.execute(raise_on_error=False))
         # RESP by hand: the fixed parts are packed once per batch, not per message.
         resp = {k: (len(h) + len(t), bulks(h), bulks(t)) for k, (h, t) in fixed.items()}
         packed = []
         for kind, key, line, _ in batch:
             count, before, after = resp[kind]
-            args = self._args(kind, key, line)
+            args = publish_args(kind, key, line)
             packed.append(b"*%d\r\n" % (count + len(args)) + before + bulks(args) + after)
         results = await self.pipeline.execute(packed)
         again = [i for i, r in enumerate(results) if _no_script(r)]
@@ -517,23 +483,21 @@ class RedisBroker(LocalBroker):
                 results[i] = result
         return results
 
-    def _deliver_locally(
-        self, batch: list[tuple[str, str, bytes, asyncio.Future[Any] | None]]
-    ) -> None:
+    def _deliver_locally(self, batch: list[_Outgoing]) -> None:
         """While Redis is away: this node's subscribers still get what is published here."""
         for kind, key, line, fut in batch:
             self.local_only += 1
             if kind == "u":
-                workers = self.deliver_user(key, line)
+                workers = self.router.deliver_user(key, line)
             elif kind == "b":
-                workers = self.deliver_all(line)
+                workers = self.router.deliver_all(line)
             else:
                 st = self.state.get(key)
                 seq = st.last if st is not None else 0
-                prefix, suffix = _split_at_seq(line)
-                workers = self.deliver_channel(key, prefix + str(seq).encode() + suffix)
+                prefix, suffix = split_at_seq(line)
+                workers = self.router.deliver_channel(key, prefix + str(seq).encode() + suffix)
             if fut is not None and not fut.done():
-                fut.set_result({"degraded": True, "workers": workers})
+                fut.set_result(Published(degraded=True, workers=workers))
 
     def _lost_command(self, exc: Exception) -> None:
         """A command failed: Redis is unreachable; the shards will notice (or be told)."""
@@ -555,14 +519,14 @@ class RedisBroker(LocalBroker):
         if lines is not None or self.degraded:
             answer_recover(link, channel, req, st.last, lines)
             return
-        self.spawn(self._recover_from_redis(link, channel, req, since, st))
+        self.router.spawn(self._recover_from_redis(link, channel, req, since, st))
 
     async def _recover_from_redis(
         self, link: Link, channel: str, req: int, since: int, st: _Channel
     ) -> None:
         t = tag(channel)
         try:
-            value, lines = await self.redis.eval(_HISTORY, 2, f"md:c{t}:s", f"md:c{t}:h")
+            value, lines = await self.redis.eval(HISTORY_SCRIPT, 2, f"md:c{t}:s", f"md:c{t}:h")
             cur = int(value)
         except Exception as exc:
             self._lost_command(exc)
@@ -585,7 +549,7 @@ class RedisBroker(LocalBroker):
 
     async def presence(self, channel: str) -> PresenceResult:
         if self.degraded:
-            result = await self.node_presence(channel)
+            result = await self.router.node_presence(channel)
             result.partial = True
             return result
         token = next(self.tokens)
@@ -601,51 +565,34 @@ class RedisBroker(LocalBroker):
             return await gather.wait(PRESENCE_TIMEOUT)
         except Exception as exc:
             self._lost_command(exc)
-            result = await self.node_presence(channel)
+            result = await self.router.node_presence(channel)
             result.partial = True
             return result
         finally:
             del self.remote[token]
 
     async def _answer_remote_presence(self, channel: str, asker: str, token: int) -> None:
-        part = await self.node_presence(channel)
+        part = await self.router.node_presence(channel)
         reply = b"r%d %s" % (token, _encode_json(part))
         try:
-            topic = f"md:n{{{asker}}}"
+            topic = node_topic(asker)
             await (self.redis.spublish if self.cluster else self.redis.publish)(topic, reply)
         except Exception as exc:
             self._lost_command(exc)
 
-    def stats(self) -> dict[str, Any]:
-        out = super().stats()
-        out.update(
-            {
-                "node": self.node,
-                "redis": _safe_url(self.url),
-                "cluster": self.cluster,
-                "received_from_redis": self.received,
-                "sent_to_redis": self.sent,
-                "delivered_locally_while_degraded": self.local_only,
-                "reconnects": self.reconnects,
-                "last_error": self.last_error,
-            }
+    def stats(self, own: BrokerStats) -> RedisStats:
+        return RedisStats(
+            **msgspec.structs.asdict(own),
+            node=self.node,
+            redis=safe_url(self.url),
+            cluster=self.cluster,
+            received_from_redis=self.received,
+            sent_to_redis=self.sent,
+            delivered_locally_while_degraded=self.local_only,
+            reconnects=self.reconnects,
+            last_error=self.last_error,
         )
-        return out
 
 
 def _no_script(reply: Any) -> bool:
     return isinstance(reply, Exception) and str(reply).startswith("NOSCRIPT")
-
-
-def _split_at_seq(line: bytes) -> tuple[bytes, bytes]:
-    """An event line encoded with seq 0, cut around that 0 (the script puts the seq in)."""
-    at = line.index(b'"seq":0') + 6
-    return line[:at], line[at + 1 :]
-
-
-def _safe_url(url: str) -> str:
-    """The URL without a password, for stats."""
-    if "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"

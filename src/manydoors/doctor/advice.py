@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
+from ..node.procfs import read_ints, sysctl_path
 from .capacity import (
     MAX_PROCESSES_PER_CORE,
     PROCESS_BASELINE_BYTES,
@@ -30,7 +31,7 @@ from .capacity import (
     max_processes,
     port_lanes,
 )
-from .limits import Limits, read_ints, sysctl_path
+from .limits import Limits
 
 OK: Final = "ok"
 WARN: Final = "warn"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Final
 
 from ..config import Config, ServiceConfig
-from ..loadgen.planner import LANE_FILL
+from ..node.tuning import LANE_FILL
 from .limits import GetRlimit, Limits, read_limits
 
 # Cost of one connection, in bytes, measured on the reference machine (2 cores,

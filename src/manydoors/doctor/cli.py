@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..loadgen.planner import PlanError, parse_ip_range, parse_port_range, parse_target
+from ..node.addresses import PlanError, parse_ip_range, parse_port_range, parse_target
+from ..node.procfs import read_ints, sysctl_path
 from .advice import FAIL, OK, WARN, Check, NotRoot, apply, checks, plan_apply, report
 from .capacity import (
     BACKLOG,
@@ -31,7 +32,7 @@ from .capacity import (
     port_lanes,
     save_costs,
 )
-from .limits import GetRlimit, read_ints, read_limits, sysctl_path
+from .limits import GetRlimit, read_limits
 from .measure import MAX_PAIRS, measure
 
 _STYLE = {OK: "green", WARN: "yellow", FAIL: "bold red"}

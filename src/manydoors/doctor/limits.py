@@ -1,9 +1,10 @@
 """Read the limits that decide how many connections this machine can hold.
 
-Every reader takes ``root`` (``"/"`` on a real machine) and only opens files below it,
-so tests hand in a fake ``/proc`` tree built in a temporary directory. A file that is
-missing or unreadable gives ``None``: a kernel without conntrack, a container that
-hides ``/proc/slabinfo`` or a ``/proc`` without a running server are normal, not errors.
+Every reader takes ``root`` (``"/"`` on a real machine) and only opens files below it
+(through :mod:`manydoors.node.procfs`), so tests hand in a fake ``/proc`` tree built in
+a temporary directory. A file that is missing or unreadable gives ``None``: a kernel
+without conntrack, a container that hides ``/proc/slabinfo`` or a ``/proc`` without a
+running server are normal, not errors.
 """
 
 from __future__ import annotations
@@ -13,6 +14,17 @@ import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..node.procfs import (
+    meminfo,
+    nofile,
+    pids,
+    read_int,
+    read_ints,
+    read_text,
+    sysctl_path,
+    tcp_sockstat,
+)
 
 GetRlimit = Callable[[int], tuple[int, int]]
 
@@ -66,36 +78,6 @@ class Limits:
         return parse_kernel_version(self.kernel)
 
 
-def read_text(root: str | Path, rel: str) -> str | None:
-    """The text of ``root/rel``, or None when it cannot be read."""
-    try:
-        return (Path(root) / rel).read_text(errors="replace")
-    except (OSError, ValueError):
-        return None
-
-
-def read_ints(root: str | Path, rel: str) -> tuple[int, ...] | None:
-    """A file of whitespace-separated integers (most of /proc/sys)."""
-    text = read_text(root, rel)
-    if text is None:
-        return None
-    try:
-        values = tuple(int(v) for v in text.split())
-    except ValueError:
-        return None
-    return values or None
-
-
-def read_int(root: str | Path, rel: str) -> int | None:
-    values = read_ints(root, rel)
-    return values[0] if values else None
-
-
-def sysctl_path(key: str) -> str:
-    """``net.core.somaxconn`` -> ``proc/sys/net/core/somaxconn`` (relative to a root)."""
-    return "proc/sys/" + key.replace(".", "/")
-
-
 def parse_kernel_version(release: str | None) -> tuple[int, int] | None:
     """``6.18.44-fc-v595`` -> (6, 18)."""
     if not release:
@@ -105,22 +87,6 @@ def parse_kernel_version(release: str | None) -> tuple[int, int] | None:
         return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
     except (IndexError, ValueError):
         return None
-
-
-def parse_limits_file(text: str) -> tuple[int, int] | None:
-    """Soft and hard "Max open files" from a /proc/PID/limits text."""
-    for line in text.splitlines():
-        if line.startswith("Max open files"):
-            fields = line[len("Max open files") :].split()
-            try:
-                return _limit_value(fields[0]), _limit_value(fields[1])
-            except (IndexError, ValueError):
-                return None
-    return None
-
-
-def _limit_value(text: str) -> int:
-    return resource.RLIM_INFINITY if text == "unlimited" else int(text)
 
 
 def systemd_unit(root: str | Path, pid: int | str) -> str | None:
@@ -142,7 +108,7 @@ def systemd_unit(root: str | Path, pid: int | str) -> str | None:
 
 def process_limits(root: str | Path, pid: int) -> ProcessLimits | None:
     """RLIMIT_NOFILE of a running process from /proc/PID/limits."""
-    parsed = parse_limits_file(read_text(root, f"proc/{pid}/limits") or "")
+    parsed = nofile(pid, root)
     if parsed is None:
         return None
     return ProcessLimits(pid, parsed[0], parsed[1], systemd_unit(root, pid))
@@ -150,11 +116,7 @@ def process_limits(root: str | Path, pid: int) -> ProcessLimits | None:
 
 def find_server(root: str | Path, exclude: int | None = None) -> int | None:
     """The pid of a running ``manydoors serve`` supervisor (the lowest, the parent)."""
-    try:
-        entries = [e for e in os.listdir(Path(root) / "proc") if e.isdigit()]
-    except OSError:
-        return None
-    for pid in sorted(int(e) for e in entries):
+    for pid in pids(root):
         if pid == exclude:
             continue
         args = (read_text(root, f"proc/{pid}/cmdline") or "").split("\0")
@@ -164,17 +126,6 @@ def find_server(root: str | Path, exclude: int | None = None) -> int | None:
         if named and "serve" in args:
             return pid
     return None
-
-
-def meminfo(root: str | Path = "/") -> dict[str, int]:
-    """/proc/meminfo in bytes."""
-    out: dict[str, int] = {}
-    for line in (read_text(root, "proc/meminfo") or "").splitlines():
-        name, _, rest = line.partition(":")
-        fields = rest.split()
-        if fields and fields[0].isdigit():
-            out[name] = int(fields[0]) * (1024 if fields[1:] == ["kB"] else 1)
-    return out
 
 
 def _cgroup_memory(root: str | Path) -> tuple[int, int] | None:
@@ -224,14 +175,6 @@ def _netdev_dropped(root: str | Path) -> int | None:
         return sum(int(line.split()[1], 16) for line in text.splitlines() if line.strip())
     except (IndexError, ValueError):
         return None
-
-
-def _tcp_in_use(root: str | Path) -> int | None:
-    for line in (read_text(root, "proc/net/sockstat") or "").splitlines():
-        fields = line.split()
-        if fields[:2] == ["TCP:", "inuse"] and len(fields) > 2 and fields[2].isdigit():
-            return int(fields[2])
-    return None
 
 
 def _container(root: str | Path) -> str | None:
@@ -294,7 +237,7 @@ def read_limits(
         tcp_tw_reuse=read_int(root, sysctl_path("net.ipv4.tcp_tw_reuse")),
         conntrack_max=read_int(root, sysctl_path("net.netfilter.nf_conntrack_max")),
         conntrack_count=read_int(root, sysctl_path("net.netfilter.nf_conntrack_count")),
-        tcp_in_use=_tcp_in_use(root),
+        tcp_in_use=tcp_sockstat(root).get("inuse"),
         mem_total=mem.get("MemTotal"),
         mem_available=available,
         cgroup_memory_limit=cgroup[0] if cgroup else None,

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import resource
 import socket
 import time
 from dataclasses import dataclass, field
 
+from ..node import procfs
 from .capacity import SERVER_USER_BYTES, UVLOOP_FLOOR_BYTES, Costs
-from .limits import meminfo, read_text
 
 MAX_PAIRS = 20_000  # bounded: a measurement, not a load test
 DEADLINE = 60.0  # seconds for each half, then give up cleanly
@@ -66,7 +65,7 @@ def _room_for(pairs: int) -> int:
 
 def _tcp_object_size() -> int | None:
     # /proc/slabinfo is root-only: "TCP <active> <num> <objsize> ..."
-    for line in (read_text("/", "proc/slabinfo") or "").splitlines():
+    for line in (procfs.read_text("/", "proc/slabinfo") or "").splitlines():
         fields = line.split()
         if fields[:1] == ["TCP"] and len(fields) > 3 and fields[3].isdigit():
             return int(fields[3])
@@ -98,7 +97,7 @@ def kernel_per_pair(pairs: int) -> tuple[int | None, str]:
         deadline = time.monotonic() + DEADLINE
         for i in range(pairs):
             if i == skip:
-                before = meminfo().get("Slab")
+                before = procfs.meminfo().get("Slab")
             client = socket.socket()
             held.append(client)
             client.settimeout(5)
@@ -107,7 +106,7 @@ def kernel_per_pair(pairs: int) -> tuple[int | None, str]:
             held.append(listener.accept()[0])
             if time.monotonic() > deadline:
                 return None, f"gave up after {DEADLINE:.0f} s"
-        after = meminfo().get("Slab")
+        after = procfs.meminfo().get("Slab")
     finally:
         for sock in held:
             sock.close()
@@ -119,11 +118,6 @@ def kernel_per_pair(pairs: int) -> tuple[int | None, str]:
     if not SANE_KERNEL[0] <= per <= SANE_KERNEL[1]:
         return None, f"{grew}: noise, not kept"
     return per, grew
-
-
-def _rss() -> int:
-    statm = (read_text("/", "proc/self/statm") or "0 0").split()
-    return int(statm[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 async def _hold(count: int, skip: int) -> int:
@@ -145,10 +139,10 @@ async def _hold(count: int, skip: int) -> int:
         deadline = time.monotonic() + DEADLINE
         await _accept(clients[:skip], addr, held, deadline)
         gc.collect()
-        before = _rss()
+        before = procfs.rss() or 0
         await _accept(clients[skip:], addr, held, deadline)
         gc.collect()
-        return _rss() - before
+        return (procfs.rss() or 0) - before
     finally:
         for transport in held:
             transport.close()

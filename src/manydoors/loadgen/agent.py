@@ -27,8 +27,9 @@ from typing import Any, Final, cast
 import msgspec
 import uvloop
 
+from ..node import procfs
+from ..node.tuning import GC_THRESHOLDS
 from ..protocol.framing import TOO_LONG, LineFramer
-from ..server.worker import GC_THRESHOLDS
 from . import wsclient
 from .planner import AgentPlan
 from .tlspipe import TlsPipe, client_context
@@ -132,7 +133,7 @@ class Agent:
         self.duplicates = 0
         self.ramp_done = False
         self.ramp_task: asyncio.Task[None] | None = None
-        self.rss_start = _rss()  # this process before its first connection
+        self.rss_start = procfs.rss() or 0  # this process before its first connection
         self.first_attempt = self.last_connect = 0.0
         self.peak = 0
         self.stop = asyncio.Event()
@@ -448,7 +449,7 @@ class Agent:
             "duplicates": self.duplicates,
             "ramp_done": self.ramp_done,
             "ramp_seconds": max(0.0, self.last_connect - self.first_attempt),
-            "rss_bytes": _rss(),
+            "rss_bytes": procfs.rss() or 0,
             "rss_start": self.rss_start,
             "final": final,
         }
@@ -501,11 +502,6 @@ class Agent:
             self.close(conn, None)
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
 def agent_main(plan: AgentPlan, opts: AgentOptions, pipe: Pipe) -> None:
     """Entry point of one load process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller stops us
@@ -513,6 +509,6 @@ def agent_main(plan: AgentPlan, opts: AgentOptions, pipe: Pipe) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(opts.fd_limit, hard), hard))
     gc.collect()
     gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)  # same reason as in the server's worker
+    gc.set_threshold(*GC_THRESHOLDS)  # why: node/tuning.py
     uvloop.run(Agent(plan, opts, pipe).run())
     os._exit(0)

@@ -27,6 +27,7 @@ from rich.live import Live
 from rich.table import Table
 
 from ..apiclient import post_json
+from ..node import procfs
 from .agent import REPORT_EVERY, AgentOptions, agent_main
 from .errors import explain
 from .planner import Plan
@@ -55,21 +56,18 @@ class LoadOptions:
 
 
 def read_port_range(root: str = "/") -> tuple[int, int]:
-    with open(os.path.join(root, "proc/sys/net/ipv4/ip_local_port_range")) as f:
-        lo, hi = f.read().split()
-    return int(lo), int(hi)
+    """The kernel's ephemeral port range (net.ipv4.ip_local_port_range)."""
+    found = procfs.sysctl("net.ipv4.ip_local_port_range", root)
+    if found is None or len(found) != 2:
+        raise OSError(f"cannot read net.ipv4.ip_local_port_range under {root}")
+    return found[0], found[1]
 
 
 def machine_info() -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    mem = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * 1024
     return {
         "cores": os.cpu_count(),
-        "memory_bytes": mem,
+        "memory_bytes": procfs.meminfo().get("MemTotal", 0),
         "kernel": platform.release(),
         "fd_limit": {"soft": soft, "hard": hard},
         "port_range": list(read_port_range()),

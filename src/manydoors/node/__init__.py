@@ -1,1 +1,3 @@
-"""What the supervisor, the broker and the workers share: the link, /proc, tuning constants."""
+"""What the parts of manydoors share, below all of them: the worker link, the /proc
+reader, tuning constants, address parsing. Nothing here imports server/, broker/,
+loadgen/ or doctor/."""

@@ -161,12 +161,14 @@ class Binary:
 
 
 @dataclass(slots=True)
-class Ping:
+class WsPing:
+    """A ping control frame (answer it with ``encode_pong(payload)``)."""
+
     payload: bytes
 
 
 @dataclass(slots=True)
-class Pong:
+class WsPong:
     payload: bytes
 
 
@@ -186,7 +188,7 @@ class ProtocolFail:
     reason: str
 
 
-Event = Text | Binary | Ping | Pong | Close | ProtocolFail
+Event = Text | Binary | WsPing | WsPong | Close | ProtocolFail
 
 PROTOCOL_ERROR: Final = 1002
 INVALID_DATA: Final = 1007
@@ -358,9 +360,9 @@ class WsFrameParser:
                         events.append(Text(message) if frag.opcode == 1 else Binary(message))
                         frag = self._frag = None
                 elif opcode == 9:
-                    events.append(Ping(payload))
+                    events.append(WsPing(payload))
                 elif opcode == 10:
-                    events.append(Pong(payload))
+                    events.append(WsPong(payload))
                 else:
                     return _close(events, payload)
         except UnicodeDecodeError:
@@ -407,6 +409,11 @@ def text_header(length: int) -> bytes:
     A fan-out writes ``header + body`` once and the same bytes to every recipient.
     """
     return _header(0x81, length)
+
+
+def encode_line(line: bytes) -> bytes:
+    """An NDJSON event line (with its newline) as one text frame, without the newline."""
+    return _header(0x81, len(line) - 1) + line[:-1]
 
 
 def encode_text(payload: bytes) -> bytes:

@@ -1,28 +1,92 @@
-"""The HTTP API (aiohttp): publish, stats, health, Prometheus metrics, live dashboard."""
+"""The HTTP API (aiohttp): publish, stats, health, Prometheus metrics, live dashboard.
+
+The API sees the node through :class:`NodeView`, the few things it reads and asks of
+it, never the supervisor: ``nodestats.NodeStats`` is the node's view. Only the
+supervisor's process imports this module (aiohttp stays out of the workers).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hmac
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import Any, Final, Protocol, cast
 
 import msgspec
 from aiohttp import web
+from msgspec import Raw
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ..config import ApiConfig, AuthConfig
 from ..protocol.messages import Name
-from .supervisor import StartupError
-
-if TYPE_CHECKING:
-    from .supervisor import Supervisor
+from .errors import StartupError
 
 MAX_BODY = 1024 * 1024
 STREAM_INTERVAL = 1.0  # seconds between two events of /api/stream
 STATIC = Path(__file__).parent / "static"
+
+
+class BrokerView(Protocol):
+    """What the API asks of the broker. Results may be dicts or msgspec Structs: the
+    API turns them into JSON with ``msgspec.to_builtins``."""
+
+    @property
+    def status(self) -> str:
+        """``ok``, or ``degraded`` while messages cannot cross nodes."""
+        ...
+
+    async def publish_channel(self, channel: str, sender: str | None, data: Raw) -> object:
+        """Deliver to every subscriber of ``channel``; what it reached."""
+        ...
+
+    async def publish_user(self, user: str, sender: str | None, data: Raw) -> object:
+        """Deliver to every connection of ``user``; what it reached."""
+        ...
+
+    async def broadcast(self, sender: str | None, data: Raw) -> object:
+        """Deliver to every connection; what it reached."""
+        ...
+
+    async def presence(self, channel: str) -> object:
+        """Who is subscribed to ``channel``: users, anonymous, partial."""
+        ...
+
+
+class NodeView(Protocol):
+    """The node as the API sees it."""
+
+    @property
+    def broker(self) -> BrokerView:
+        """Where publishes and presence questions go."""
+        ...
+
+    @property
+    def stopping(self) -> bool:
+        """The node is draining and no longer serves."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """The /api/stats JSON object."""
+        ...
+
+    def queued_to_workers(self) -> int:
+        """Bytes queued from the broker to the workers, not yet taken by them."""
+        ...
+
+    def services(self) -> Collection[str]:
+        """The names of the node's services."""
+        ...
+
+    def workers(self) -> tuple[int, int]:
+        """(workers alive, workers expected)."""
+        ...
+
+    async def connections(self, service: str | None, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` live connections of ``service`` (None: any service)."""
+        ...
 
 
 class PublishBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -34,7 +98,7 @@ class PublishBody(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _decode_publish = msgspec.json.Decoder(PublishBody).decode
-_SUP: web.AppKey[Supervisor] = web.AppKey("supervisor")
+_NODE: web.AppKey[NodeView] = web.AppKey("node")
 _REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
 _STREAMS: web.AppKey[set[web.StreamResponse]] = web.AppKey("streams")
 _STOPPING: web.AppKey[asyncio.Event] = web.AppKey("stopping")
@@ -55,8 +119,8 @@ def _error(status: int, code: str, reason: str) -> web.Response:
 
 
 async def publish(request: web.Request) -> web.Response:
-    sup = request.app[_SUP]
-    if sup.queued_to_workers() > BUSY_BYTES:
+    node = request.app[_NODE]
+    if node.queued_to_workers() > BUSY_BYTES:
         # Workers are not keeping up: say so rather than queue without bound here.
         resp = _error(503, "busy", "the workers are behind on deliveries; retry shortly")
         resp.headers["Retry-After"] = "1"
@@ -80,14 +144,14 @@ async def publish(request: web.Request) -> web.Response:
     targets = [body.channel is not None, body.user is not None, body.broadcast]
     if sum(targets) != 1:
         return _error(400, "bad_target", "give exactly one of: channel, user, broadcast: true")
-    broker = sup.broker
+    broker = node.broker
     if body.channel is not None:
         done = await broker.publish_channel(body.channel, body.sender, body.data)
     elif body.user is not None:
         done = await broker.publish_user(body.user, body.sender, body.data)
     else:
         done = await broker.broadcast(body.sender, body.data)
-    return _json({"accepted": True, **done}, 202)
+    return _json({"accepted": True, **msgspec.to_builtins(done)}, 202)
 
 
 async def presence(request: web.Request) -> web.Response:
@@ -95,8 +159,8 @@ async def presence(request: web.Request) -> web.Response:
     channel = request.query.get("channel", "")
     if not channel:
         return _error(400, "missing_field", "give ?channel=NAME")
-    result = await request.app[_SUP].broker.presence(channel)
-    return _json({"channel": channel, **msgspec.structs.asdict(result)})
+    result = await request.app[_NODE].broker.presence(channel)
+    return _json({"channel": channel, **msgspec.to_builtins(result)})
 
 
 async def connections(request: web.Request) -> web.Response:
@@ -106,22 +170,21 @@ async def connections(request: web.Request) -> web.Response:
     except ValueError:
         return _error(400, "bad_field", "limit must be a number")
     service = request.query.get("service") or None
-    sup = request.app[_SUP]
-    if service is not None and service not in {p.service.name for p in sup.pools}:
+    node = request.app[_NODE]
+    if service is not None and service not in node.services():
         return _error(404, "unknown_service", f"no service named {service!r}")
-    return _json({"connections": await sup.connections(service, limit)})
+    return _json({"connections": await node.connections(service, limit)})
 
 
 async def stats(request: web.Request) -> web.Response:
-    return _json(request.app[_SUP].stats())
+    return _json(request.app[_NODE].stats())
 
 
 async def healthz(request: web.Request) -> web.Response:
-    sup = request.app[_SUP]
-    alive = sum(s.process is not None for p in sup.pools for s in p.slots)
-    total = sum(len(p.slots) for p in sup.pools)
-    serving = alive == total and not sup.stopping
-    broker = sup.broker.status
+    node = request.app[_NODE]
+    alive, total = node.workers()
+    serving = alive == total and not node.stopping
+    broker = node.broker.status
     status = "ok" if serving and broker == "ok" else "degraded"
     # A degraded broker still answers 200: the node serves its own clients, and a load
     # balancer that dropped every node during a Redis outage would drop them all.
@@ -134,11 +197,11 @@ async def healthz(request: web.Request) -> web.Response:
 class _Collector:
     """Turns the stats snapshot into Prometheus metric families at scrape time."""
 
-    def __init__(self, sup: Supervisor) -> None:
-        self.sup = sup
+    def __init__(self, node: NodeView) -> None:
+        self.node = node
 
     def collect(self) -> Iterator[Metric]:
-        s = self.sup.stats()
+        s = self.node.stats()
         conns = GaugeMetricFamily(
             "manydoors_connections", "Open client connections", labels=["service"]
         )
@@ -225,7 +288,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         await resp.prepare(request)
         await resp.write(b"retry: 1000\n\n")
         while not stopping.is_set():
-            event = b"data: " + msgspec.json.encode(app[_SUP].stats()) + b"\n\n"
+            event = b"data: " + msgspec.json.encode(app[_NODE].stats()) + b"\n\n"
             await resp.write(event)
             # Wakes at once on shutdown instead of holding runner.cleanup for a tick.
             with contextlib.suppress(TimeoutError):
@@ -269,15 +332,18 @@ def _auth_middleware(key: str, protect_stats: bool) -> Any:
     return check
 
 
-async def start_api(sup: Supervisor) -> web.AppRunner:
-    auth = sup.config.auth
+async def start_api(node: NodeView, api: ApiConfig, auth: AuthConfig) -> tuple[web.AppRunner, int]:
+    """Serve the API for ``node`` on ``api.host:api.port``; the runner and the real port.
+
+    Port 0 asks the kernel for a free port: the returned port is the one it gave.
+    """
     middlewares = (
         [] if auth.api_key is None else [_auth_middleware(auth.api_key, auth.protect_stats)]
     )
     app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
-    app[_SUP] = sup
+    app[_NODE] = node
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(sup))
+    registry.register(_Collector(node))
     app[_REGISTRY] = registry
     app[_STREAMS] = set()
     app[_STOPPING] = asyncio.Event()
@@ -297,13 +363,10 @@ async def start_api(sup: Supervisor) -> web.AppRunner:
     )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, sup.config.api.host, sup.config.api.port)
+    site = web.TCPSite(runner, api.host, api.port)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise StartupError(
-            f"API: cannot listen on {sup.config.api.host}:{sup.config.api.port}: {exc.strerror}"
-        ) from None
-    sup.api_port = runner.addresses[0][1]  # the real port when 0 was asked for
-    return runner
+        raise StartupError(f"API: cannot listen on {api.host}:{api.port}: {exc.strerror}") from None
+    return runner, runner.addresses[0][1]

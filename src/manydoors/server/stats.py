@@ -72,3 +72,51 @@ class StatsTable:
         for i in range(len(COUNTERS)):
             self.mv[i * self.rows + row] = 0
         return before
+
+
+class Counters:
+    """One worker's row of the table, with the index of every counter it bumps.
+
+    Hot paths bump ``mv[i_x] += n`` directly (no method call per message); the parts
+    of a worker share this one object.
+    """
+
+    __slots__ = (
+        "i_accepted",
+        "i_closed",
+        "i_conn",
+        "i_dropped",
+        "i_error",
+        "i_in",
+        "i_lost",
+        "i_out",
+        "i_pings",
+        "i_refused",
+        "i_throttled",
+        "mv",
+        "table",
+    )
+
+    def __init__(self, table: StatsTable, row: int) -> None:
+        ix = {name: table.index(col, row) for name, col in COL.items()}
+        self.table = table
+        self.mv = table.mv
+        self.i_conn = ix["connections"]
+        self.i_accepted = ix["accepted"]
+        self.i_in = ix["messages_in"]
+        self.i_out = ix["messages_out"]
+        self.i_dropped = ix["dropped"]
+        self.i_throttled = ix["throttled"]
+        self.i_pings = ix["pings"]
+        self.i_refused = {r: ix[f"refused_{r}"] for r in REFUSED}
+        self.i_closed = {r: ix[f"closed_{r}"] for r in CLOSED}
+        self.i_lost = {r: ix[f"lost_{r}"] for r in LOST}
+        self.i_error = {code: ix[f"error_{code}"] for code in ERROR_CODES}
+
+    def error(self, code: str) -> None:
+        """Count an error event sent to a client."""
+        self.mv[self.i_error[code]] += 1
+
+    def connections(self) -> int:
+        """Open connections of the whole service (every worker's row)."""
+        return self.table.total(CONNECTIONS)

@@ -1,175 +1,53 @@
-"""The supervisor: sizes pools, binds, spawns, restarts, drains.
+"""The supervisor: spawns the workers, restarts a worker that dies, drains, handles signals.
 
-One process per node runs the supervisor, the local broker and the HTTP API on one
-uvloop loop. Workers are forked by a multiprocessing fork server that has imported
-the worker module once, so every worker starts small and shares those pages.
+One process per node runs the supervisor, the broker and the HTTP API on one uvloop
+loop. Workers are forked by a multiprocessing fork server that has imported the worker
+module once, so every worker starts small and shares those pages.
 
-Each worker slot gets its own SO_REUSEPORT listening socket, bound here and kept
-open here for the life of the node. The kernel spreads new connections evenly over
-the slots by 4-tuple hash (a shared socket would let whichever worker wakes first
-drain the whole backlog), and a slot's socket outlives its worker: connections that
-arrive while a worker is being restarted wait in that socket's backlog and are
-accepted by the new worker instead of being reset.
+What it starts from lives elsewhere: pool sizing and the listening sockets in
+``pools.py``, the stats and the connection samples the API shows in ``nodestats.py``,
+the API itself in ``api.py`` (imported only here, at run time).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import errno
 import json
-import math
 import multiprocessing as mp
 import os
-import resource
 import signal
 import socket
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
 from ..broker.base import Broker
-from ..broker.local import LocalBroker
-from ..config import Config, ServiceConfig
-from ..protocol.ipc import Kind
-from ..protocol.messages import ERROR_CODES
-from .limits import shared_bytes, tables
+from ..broker.factory import make_broker
+from ..config import Config
+from ..doctor.capacity import startup_warning
+from ..node import procfs
 from ..node.link import Link
-from .stats import CLOSED, LOST, REFUSED, StatsTable
-from .tls import TlsError, server_context
+from ..protocol.ipc import Kind
+from .errors import StartupError
+from .limits import tables
+from .nodestats import NodeStats
+from .pools import Pool, Slot, bind_pool, check_tls, fd_limits, plan
 from .tokens import KeyFileError, Verifier
 from .worker import WorkerSpec, worker_main
 
-# SO_REUSEPORT hashes connections to workers unevenly, so a pool sized exactly fills
-# some workers before the service is full: 1.3M connections over 66 workers with 1.2 %
-# spare refused 71 (worker_full). 5 % spare is > 20 standard deviations of the hash
-# spread at ~20,000 connections a worker.
-SLACK: Final = 1.05
 RESTART_BACKOFF: Final = 1.0  # seconds before restarting a worker that died young
 YOUNG: Final = 2.0  # a worker that dies within this many seconds of starting is "young"
 
 
-class StartupError(Exception):
-    """The node cannot start (port in use, bad address); the message says why."""
-
-
-def make_broker(config: Config) -> Broker:
-    if config.broker == "redis":
-        from ..broker.redis import RedisBroker  # redis-py stays out of local nodes
-
-        return RedisBroker(config.redis_url, config.history_size, config.history_ttl)
-    return LocalBroker(config.history_size, config.history_ttl)
-
-
-def fd_limits(config: Config) -> tuple[int, int]:
-    """Raise our soft RLIMIT_NOFILE to the hard limit; return (per-worker limit, hard)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    limit = hard if config.fd_limit is None else min(config.fd_limit, hard)
-    return limit, hard
-
-
-def pool_size(service: ServiceConfig, fd_limit: int, fd_reserve: int) -> int:
-    """Workers so that workers x (fd limit - reserve) >= max_connections x SLACK.
-
-    Never fewer than asked; "auto" also asks for one per core, since a worker is one
-    event loop on one core.
-    """
-    per_worker = fd_limit - fd_reserve
-    needed = math.ceil(service.max_connections * SLACK / per_worker)
-    asked = service.workers if service.workers is not None else (os.cpu_count() or 1)
-    return max(needed, asked, 1)
-
-
-def _bind(host: str, port: int, backlog: int, reuseport: bool) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuseport:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
-def bind_slots(service: ServiceConfig, count: int) -> list[socket.socket]:
-    """One listening socket per worker slot, all on the service's address."""
-    # A probe without SO_REUSEPORT fails if anyone (even another manydoors of the same
-    # user, which SO_REUSEPORT would silently let us share the port with) holds it.
-    try:
-        probe = _bind(service.host, service.port, 1, reuseport=False)
-    except OSError as exc:
-        why = "is in use by another program" if exc.errno == errno.EADDRINUSE else exc.strerror
-        raise StartupError(
-            f"service {service.name}: cannot listen on {service.host}:{service.port}: {why}"
-        ) from None
-    port = probe.getsockname()[1]
-    probe.close()
-    sockets = [_bind(service.host, port, service.backlog, reuseport=True) for _ in range(count)]
-    for sock in sockets:
-        tune(sock, service.send_buffer)
-    return sockets
-
-
-def tune(sock: socket.socket, send_buffer: int) -> None:
-    """Socket options for every connection: accepted sockets inherit the listener's.
-
-    Keepalive: the heartbeat finds a dead peer first; keepalive also covers a
-    heartbeat turned off (ping_interval = 0). It probes after 5 minutes of silence,
-    not 1: a probe per idle connection per minute was 16,700 probes/s at 1M, and
-    while a ramp overloaded the loopback (which then drops packets) six lost probes
-    in a row closed 46,072 healthy connections of 1M. No TCP_USER_TIMEOUT either:
-    with keepalive on it makes the first unanswered probe fatal.
-    """
-    if send_buffer:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
-    for level, name, value in (
-        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
-        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 300),
-        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 30),
-        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4),
-    ):
-        sock.setsockopt(level, name, value)
-
-
-@dataclass
-class Slot:
-    """One worker position: its socket and stats row outlive the processes that fill it."""
-
-    index: int
-    sock: socket.socket
-    process: BaseProcess | None = None
-    link: Link | None = None
-    started: float = 0.0
-    ready: bool = False
-    restarts: int = 0
-    base_fds: int = 0  # fds the worker had open before its first client
-
-
-@dataclass
-class Pool:
-    """A service's worker processes ("the cooks of one house")."""
-
-    service: ServiceConfig
-    port: int
-    slots: list[Slot]
-    table: StatsTable
-    buffer: Any  # the shared ctypes array behind ``table``
-    counts: Any = None  # shared per-IP and per-user connection counts (limits.py)
-    retired: Counter[str] = field(default_factory=Counter)  # counters of dead workers
-
-
 class Supervisor:
+    """One node: its pools of workers, its broker and its API, from start to drain.
+
+    Signal handlers only record the request; :meth:`run` acts on it (as uvicorn's
+    multiprocess supervisor does).
+    """
+
     def __init__(self, config: Config, out: Any = None) -> None:
         self.config = config
         self.out = out or sys.stderr
@@ -181,53 +59,32 @@ class Supervisor:
         self.stop_requested: asyncio.Event | None = None
         self.stopping = False
         self.api_port = config.api.port
-        self.started = time.time()
-        self.samples: dict[Link, asyncio.Future[bytes]] = {}  # SAMPLE asked, not answered
+        # What the API shows: reads self.pools (the same list) and self.stopping.
+        self.view = NodeStats(self.pools, self.broker, self.fd_limit, lambda: self.stopping)
 
     def say(self, line: str) -> None:
         print(f"manydoors: {line}", file=self.out, flush=True)
 
     # --- start ------------------------------------------------------------------------
 
-    def plan(self) -> list[tuple[ServiceConfig, int]]:
-        cfg = self.config
-        return [(s, pool_size(s, self.fd_limit, cfg.fd_reserve)) for s in cfg.services]
-
-    def check_tls(self) -> None:
-        """Load each service's certificate and key now: a bad file stops the start."""
-        for service in self.config.services:
-            if service.tls_cert is not None and service.tls_key is not None:
-                try:
-                    server_context(service.tls_cert, service.tls_key)
-                except TlsError as exc:
-                    raise StartupError(f"service {service.name}: {exc}") from None
-
     def bind(self) -> None:
-        from ..doctor.capacity import startup_warning
-
+        """Warn if this machine cannot hold the target; bind every service's slots."""
         target = sum(s.max_connections for s in self.config.services)
         warning = startup_warning("server", target, fd_limit=self.fd_limit)
         if warning:
             self.say(f"warning: {warning}")
         cap = self.fd_limit - self.config.fd_reserve
-        for service, count in self.plan():
-            sockets = bind_slots(service, count)
-            port = sockets[0].getsockname()[1]
-            buffer = self.ctx.RawArray(ctypes.c_ubyte, StatsTable.size(count) * 8)
-            table = StatsTable(memoryview(buffer), count)
-            slots = [Slot(i, s) for i, s in enumerate(sockets)]
-            counts = None
-            per_user = service.max_connections_per_user and self.config.auth.mode == "token"
-            if service.max_connections_per_ip or per_user:
-                counts = self.ctx.RawArray(ctypes.c_ubyte, shared_bytes(count))
-            self.pools.append(Pool(service, port, slots, table, buffer, counts=counts))
+        for service, count in plan(self.config, self.fd_limit):
+            pool = bind_pool(service, count, self.config, self.ctx)
+            self.pools.append(pool)
             self.say(
-                f"{service.name} {service.host}:{port} backlog {service.backlog}: "
+                f"{service.name} {service.host}:{pool.port} backlog {service.backlog}: "
                 f"{count} workers x {cap:,} fds = {count * cap:,} connections"
                 f" (max_connections {service.max_connections:,})"
             )
 
     async def spawn(self, pool: Pool, slot: Slot) -> None:
+        """Start a worker in ``slot`` and attach its link to the broker."""
         loop = asyncio.get_running_loop()
         mine, theirs = socket.socketpair()
         spec = WorkerSpec(
@@ -255,21 +112,21 @@ class Supervisor:
         loop.add_reader(proc.sentinel, self.on_exit, pool, slot, proc)
 
     def on_frame(self, link: Link, kind: int, key: str, payload: bytes) -> None:
+        """A frame from a worker: readiness and samples here, the rest to the broker."""
         if kind == Kind.SAMPLED:
-            waiter = self.samples.pop(link, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(payload)
+            self.view.sampled(link, payload)
             return
         if kind == Kind.READY:
             for pool in self.pools:
                 for slot in pool.slots:
                     if slot.link is link:
                         slot.ready = True
-                        slot.base_fds = _count_fds(int(key)) or 0
+                        slot.base_fds = procfs.open_fds(int(key)) or 0
             return
         self.broker.on_frame(link, kind, key, payload)
 
     def on_exit(self, pool: Pool, slot: Slot, proc: BaseProcess) -> None:
+        """A worker exited: forget what it held; restart it unless the node is stopping."""
         loop = asyncio.get_running_loop()
         loop.remove_reader(proc.sentinel)
         proc.join()
@@ -308,6 +165,7 @@ class Supervisor:
     # --- run --------------------------------------------------------------------------
 
     async def run(self, ready_file: str | None = None) -> int:
+        """Start, serve until SIGTERM or SIGINT, drain; the exit code."""
         from .api import start_api  # aiohttp stays out of the fork server's preload
 
         loop = asyncio.get_running_loop()
@@ -320,14 +178,14 @@ class Supervisor:
                 Verifier(self.config.auth)
             except KeyFileError as exc:
                 raise StartupError(str(exc)) from None
-        self.check_tls()
+        check_tls(self.config)
         self.bind()
         try:
             await self.broker.start()
         except ConnectionError as exc:
             await self.broker.close()
             raise StartupError(str(exc)) from None
-        runner = await start_api(self)
+        runner, self.api_port = await start_api(self.view, self.config.api, self.config.auth)
         try:
             for pool in self.pools:
                 for slot in pool.slots:
@@ -344,6 +202,7 @@ class Supervisor:
         return 0
 
     def announce(self, ready_file: str | None) -> None:
+        """Say the node is ready; write the ready file (ports, pids) for scripts."""
         api = f"http://{self.config.api.host}:{self.api_port}"
         services = {
             p.service.name: {
@@ -383,116 +242,3 @@ class Supervisor:
                 slot.sock.close()
                 if slot.link is not None:
                     slot.link.close()
-
-    # --- stats ------------------------------------------------------------------------
-
-    def queued_to_workers(self) -> int:
-        """Bytes of broker frames written to worker links and not yet taken by them."""
-        total = 0
-        for pool in self.pools:
-            for slot in pool.slots:
-                link = slot.link
-                if link is not None and link.transport is not None:
-                    total += link.transport.get_write_buffer_size()
-        return total
-
-    async def connections(self, service: str | None, limit: int) -> list[dict[str, Any]]:
-        """Up to ``limit`` live connections, asked of the workers (spread over them)."""
-        loop = asyncio.get_running_loop()
-        links = [
-            s.link
-            for p in self.pools
-            for s in p.slots
-            if s.link is not None and (service is None or p.service.name == service)
-        ]
-        if not links or limit < 1:
-            return []
-        each = max(1, math.ceil(limit / len(links)))
-        waits = []
-        for link in links:
-            if link in self.samples:
-                continue  # an earlier question is still out; skip this worker
-            waiter: asyncio.Future[bytes] = loop.create_future()
-            self.samples[link] = waiter
-            link.send(Kind.SAMPLE, str(each))
-            waits.append(waiter)
-        done, _ = await asyncio.wait(waits, timeout=2.0) if waits else (set(), set())
-        for link in [k for k, w in self.samples.items() if w in waits and not w.done()]:
-            del self.samples[link]  # a busy worker: answer without it
-        out: list[dict[str, Any]] = []
-        for waiter in done:
-            out.extend(json.loads(waiter.result()))
-        return out[:limit]
-
-    def stats(self) -> dict[str, Any]:
-        totals: Counter[str] = Counter()
-        services = []
-        for pool in self.pools:
-            svc = pool.service
-            workers = []
-            svc_totals: Counter[str] = Counter(pool.retired)
-            for slot in pool.slots:
-                row = pool.table.row(slot.index)
-                svc_totals.update(row)
-                pid = slot.process.pid if slot.process is not None else None
-                workers.append(
-                    {
-                        "slot": slot.index,
-                        "pid": pid,
-                        "connections": row["connections"],
-                        # Listing /proc/PID/fd costs milliseconds at 20,000 fds;
-                        # the worker's own fds plus one per connection is exact enough.
-                        "fds": slot.base_fds + row["connections"] if pid else None,
-                        "fd_limit": self.fd_limit,
-                        "rss_bytes": _rss(pid),
-                        "restarts": slot.restarts,
-                    }
-                )
-            totals.update(svc_totals)
-            services.append(
-                {
-                    "name": svc.name,
-                    "host": svc.host,
-                    "port": pool.port,
-                    "protocol": svc.protocol,
-                    "tls": svc.tls_cert is not None,
-                    "max_connections": svc.max_connections,
-                    "connections": svc_totals["connections"],
-                    "workers": workers,
-                }
-            )
-        return {
-            "connections": totals["connections"],
-            "accepted": totals["accepted"],
-            "refused": {r: totals[f"refused_{r}"] for r in REFUSED},
-            "messages_in": totals["messages_in"],
-            "messages_out": totals["messages_out"],
-            "dropped": totals["dropped"],
-            "throttled": totals["throttled"],
-            "pings": totals["pings"],
-            "closed": {r: totals[f"closed_{r}"] for r in CLOSED},
-            "lost": {r: totals[f"lost_{r}"] for r in LOST},
-            "errors": {c: totals[f"error_{c}"] for c in ERROR_CODES},
-            "broker": self.broker.stats(),
-            "uptime_s": round(time.time() - self.started, 3),
-            "services": services,
-        }
-
-
-def _count_fds(pid: int | None) -> int | None:
-    if pid is None:
-        return None
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return None
-
-
-def _rss(pid: int | None) -> int | None:
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-    except OSError:
-        return None

@@ -106,7 +106,7 @@ class _Handshaken(Connection):
 
     def __del__(self) -> None:
         if not self.made:
-            self.worker.unaccept()
+            self.admission.unaccept()
 
 
 class TlsTcpConnection(_Handshaken, TcpConnection):
@@ -125,8 +125,9 @@ class TlsWsConnection(_Handshaken, WsConnection):
         self.made = False
 
 
-def connection_class(service: ServiceConfig, plain: type[Connection]) -> type[Connection]:
-    """The connection class for the service: ``plain``, or its TLS variant."""
+def connection_class(service: ServiceConfig) -> type[Connection]:
+    """The connection class of the service's protocol, with or without TLS."""
+    websocket = service.protocol == "websocket"
     if service.tls_cert is None:
-        return plain
-    return TlsWsConnection if issubclass(plain, WsConnection) else TlsTcpConnection
+        return WsConnection if websocket else TcpConnection
+    return TlsWsConnection if websocket else TlsTcpConnection

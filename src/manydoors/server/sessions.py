@@ -1,0 +1,373 @@
+"""Client ops, handled once for every wire: hello, sub, unsub, pub, send, presence, ping.
+
+A connection class only frames: it hands each complete client message (an NDJSON
+line, a WebSocket text frame's payload) to ``Sessions.handle``. Everything a client
+may ask is decided here: authentication, rights on private channels, limits, and the
+worker's interest frames to the broker (only the 0 -> 1 and 1 -> 0 transitions of
+the users and channels this worker holds).
+
+An ``ok`` that depends on the broker (hello, sub) is held until the broker has applied
+the interest frames sent before it (a SYNC round trip), so a client that got ``ok``
+for a sub cannot miss a message published right after.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable
+from typing import Final, Protocol
+
+import msgspec
+
+from ..broker.base import PresenceResult
+from ..config import AuthConfig, ServiceConfig
+from ..protocol.ipc import RECOVER_HEAD, RECOVERED_HEAD, TOKEN, Kind
+from ..protocol.messages import (
+    PONG,
+    PRIVATE,
+    ClientOp,
+    Hello,
+    OpId,
+    Ping,
+    PongOp,
+    Presence,
+    PresenceOp,
+    ProtocolError,
+    Pub,
+    Recovered,
+    Send,
+    Sub,
+    Unsub,
+    decode_op,
+    encode,
+    error_line,
+    ok_line,
+    pong_line,
+)
+from ..protocol.wire import Wire
+from .admission import Admission
+from .clock import Clock
+from .hub import Hub, channels_of
+from .peer import Peer
+from .stats import Counters
+from .tokens import TokenError, Verifier
+
+_encode_json: Final = msgspec.json.Encoder().encode
+_decode_presence: Final = msgspec.json.Decoder(PresenceResult).decode
+
+
+class Uplink(Protocol):
+    """What sessions need of the link to the broker (node.link.Link, or a test's fake)."""
+
+    def send(self, kind: Kind, key: str = "", payload: bytes = b"") -> None: ...
+
+    def at_flush(self, hook: Callable[[], None]) -> None: ...
+
+
+class Sessions:
+    """The client ops of one worker's connections."""
+
+    def __init__(
+        self,
+        service: ServiceConfig,
+        auth: AuthConfig,
+        hub: Hub[Peer],
+        admission: Admission,
+        clock: Clock,
+        counters: Counters,
+        wire: Wire,
+    ) -> None:
+        self.hub = hub
+        self.admission = admission
+        self.clock = clock
+        self.counters = counters
+        self.frame = wire.frame
+        self.link: Uplink | None = None  # set once the worker's link is up
+        self.max_bad_messages = service.max_bad_messages
+        self.max_subscriptions = service.max_subscriptions
+        self.msgs_per_tick = clock.msgs_per_tick
+        self.rate_reason = f"more than {service.max_messages_per_second:g} messages/s"
+        self.verifier = Verifier(auth) if auth.mode == "token" else None
+        # The private channels each token-holding connection may use (only those).
+        self.grants: dict[Peer, frozenset[str]] = {}
+        # Consecutive bad messages of the connections that sent one lately: rare, so
+        # kept here rather than in a slot of every connection.
+        self.strikes: dict[Peer, int] = {}
+        # Acks that must wait until the broker has applied our earlier interest frames.
+        self.dirty = False
+        self.waiting: deque[list[tuple[Peer, OpId]]] = deque()
+        self.unsynced: list[tuple[Peer, OpId]] = []  # acks since the link's last write
+        # Requests to the broker that a client waits for, by request id.
+        self.requests = itertools.count(1)
+        self.recovering: dict[int, tuple[Peer, str, OpId]] = {}
+        self.presences: dict[int, tuple[Peer, OpId]] = {}
+        # Channels with a connection waiting for its history: the worker keeps its
+        # interest in them even while the hub holds no subscriber.
+        self.pending: dict[str, int] = {}
+
+    # --- messages in -------------------------------------------------------------------
+
+    def handle(self, conn: Peer, message: bytes) -> None:
+        """One complete client message (a line, or a text frame's payload)."""
+        conn.mark = self.clock.tick
+        try:
+            op = decode_op(message)
+        except ProtocolError as exc:
+            self.reject(conn, exc)
+            return
+        conn.sent = sent = conn.sent + 1
+        if sent > self.msgs_per_tick:
+            self.reject(
+                conn, ProtocolError("rate_limited", self.rate_reason, getattr(op, "id", None))
+            )
+            return
+        if self.strikes:
+            self.strikes.pop(conn, None)
+        c = self.counters
+        c.mv[c.i_in] += 1
+        if (
+            conn.user is None
+            and self.verifier is not None
+            and not isinstance(op, Hello | Ping | PongOp)
+        ):
+            c.error("unauthorized")
+            conn.write(error_line("unauthorized", "say hello with a token first", op.id))
+            return
+        self.dispatch(conn, op)
+
+    def dispatch(self, conn: Peer, op: ClientOp) -> None:
+        if isinstance(op, Pub):
+            self.publish(conn, op)
+        elif isinstance(op, Sub):
+            self.subscribe(conn, op)
+        elif isinstance(op, Send):
+            self.send(conn, op)
+        elif isinstance(op, Hello):
+            self.hello(conn, op)
+        elif isinstance(op, Unsub):
+            self.unsubscribe(conn, op)
+        elif isinstance(op, PresenceOp):
+            self.presence(conn, op)
+        elif isinstance(op, Ping):
+            conn.write(PONG if op.id is None else pong_line(op.id))
+        # PongOp: handle() has already reset the heartbeat clock
+
+    def reject(self, conn: Peer, exc: ProtocolError) -> None:
+        """Answer a bad message; close a client that keeps sending them."""
+        self.counters.error(exc.code)
+        conn.write(error_line(exc.code, exc.reason, exc.op_id))
+        strikes = self.strikes[conn] = self.strikes.get(conn, 0) + 1
+        if strikes >= self.max_bad_messages:
+            self.admission.close(conn, "bad_input")
+
+    def release(self, conn: Peer) -> None:
+        """A connection has ended: forget it everywhere; tell the broker what we lost."""
+        lost, gone = self.hub.remove(conn)
+        self.admission.leave(conn)
+        self.clock.forget(conn)
+        self.strikes.pop(conn, None)
+        self.grants.pop(conn, None)
+        link = self.link
+        if link is not None:
+            for channel in lost:
+                if channel not in self.pending:
+                    link.send(Kind.UNSUB, channel)
+            if gone is not None:
+                link.send(Kind.USER_OFF, gone)
+
+    # --- ops ---------------------------------------------------------------------------
+
+    def hello(self, conn: Peer, op: Hello) -> None:
+        user = op.user
+        if self.verifier is not None:
+            try:
+                if op.token is None:
+                    raise TokenError("hello needs a token")
+                grant = self.verifier.verify(op.token)
+                if user not in (None, grant.user):
+                    raise TokenError("user differs from the token's sub")
+            except TokenError as exc:
+                self.admission.fail(conn, "unauthorized", str(exc), "unauthorized", op.id)
+                return
+            user = grant.user
+            if grant.channels:
+                self.grants[conn] = grant.channels
+            else:
+                self.grants.pop(conn, None)
+        elif user is None:
+            self.counters.error("missing_field")
+            conn.write(error_line("missing_field", "missing field 'user'", op.id))
+            return
+        if not self.admission.take_user(conn, user):
+            return
+        new, lost = self.hub.set_user(conn, user)
+        self._interest(Kind.USER_OFF, lost)
+        self._interest(Kind.USER_ON, user if new else None)
+        self.ok_when_applied(conn, op.id)
+
+    def subscribe(self, conn: Peer, op: Sub) -> None:
+        channel = op.channel
+        if self.forbid(conn, channel, op.id):
+            return
+        held = channels_of(conn)
+        if channel not in held and len(held) >= self.max_subscriptions:
+            self.counters.error("too_many_subscriptions")
+            reason = f"a connection may be in at most {self.max_subscriptions} channels"
+            conn.write(error_line("too_many_subscriptions", reason, op.id))
+            return
+        if op.since is not None and channel not in held:
+            self.recover(conn, channel, op.since, op.id)
+            return
+        if self.hub.subscribe(conn, channel) and channel not in self.pending:
+            self._interest(Kind.SUB, channel)
+        self.ok_when_applied(conn, op.id)
+
+    def unsubscribe(self, conn: Peer, op: Unsub) -> None:
+        channel = op.channel
+        for req in [r for r, (c, ch, _) in self.recovering.items() if c is conn and ch == channel]:
+            # Its answer will find nobody waiting; the sub is acked now, before the unsub.
+            self.ok(conn, self.recovering.pop(req)[2])
+        if self.hub.unsubscribe(conn, channel) and channel not in self.pending:
+            self._interest(Kind.UNSUB, channel)
+        self.ok(conn, op.id)
+
+    def publish(self, conn: Peer, op: Pub) -> None:
+        if self.forbid(conn, op.channel, op.id):
+            return
+        if self.link is not None:
+            self.link.send(Kind.PUB, op.channel, _encode_json((conn.user, op.data)))
+        self.ok(conn, op.id)
+
+    def send(self, conn: Peer, op: Send) -> None:
+        if self.link is not None:
+            self.link.send(Kind.SEND, op.user, _encode_json((conn.user, op.data)))
+        self.ok(conn, op.id)
+
+    def forbid(self, conn: Peer, channel: str, op_id: OpId) -> bool:
+        """Refuse a private channel the connection's token does not grant."""
+        if not channel.startswith(PRIVATE) or channel in self.grants.get(conn, ()):
+            return False
+        self.counters.error("forbidden")
+        why = "needs a token granting it" if self.verifier else "needs auth mode token"
+        conn.write(error_line("forbidden", f"channel {channel} is private: it {why}", op_id))
+        return True
+
+    # --- acks after the broker ---------------------------------------------------------
+
+    def ok(self, conn: Peer, op_id: OpId) -> None:
+        if op_id is not None:
+            conn.write(ok_line(op_id))
+
+    def ok_when_applied(self, conn: Peer, op_id: OpId) -> None:
+        """Ack only once the broker has applied our interest frames sent so far.
+
+        Otherwise a client could get ``ok`` for a sub, publish through the API at once,
+        and miss its own message because our SUB frame was still in flight.
+        """
+        if op_id is None:
+            return
+        if self.dirty or self.unsynced:
+            # One SYNC per link write covers every ack since the last: a ramp of hellos
+            # costs the broker one round trip per Link.COALESCE_S, not one per connection.
+            if not self.unsynced and self.link is not None:
+                self.link.at_flush(self.sync)
+            self.unsynced.append((conn, op_id))
+        elif self.waiting:
+            self.waiting[-1].append((conn, op_id))
+        else:
+            conn.write(ok_line(op_id))
+
+    def sync(self) -> None:
+        """Ask the broker to echo SYNCED once it has applied what we sent before."""
+        self.dirty = False
+        if self.link is not None:
+            self.link.send(Kind.SYNC)
+        self.waiting.append(self.unsynced)
+        self.unsynced = []
+
+    def synced(self) -> None:
+        """The broker's SYNCED: the oldest batch of held acks goes out."""
+        if not self.waiting:
+            return
+        # A hello and a sub sent together are acked in one write.
+        acks: dict[Peer, bytes] = {}
+        frame = self.frame
+        for conn, op_id in self.waiting.popleft():
+            acks[conn] = acks.get(conn, b"") + frame(ok_line(op_id))
+        for conn, data in acks.items():
+            if conn.transport is not None:
+                conn.transport.write(data)
+
+    def _interest(self, kind: Kind, key: str | None) -> None:
+        if key is not None and self.link is not None:
+            self.link.send(kind, key)
+            self.dirty = True
+
+    # --- history and presence ----------------------------------------------------------
+
+    def recover(self, conn: Peer, channel: str, since: int, op_id: OpId) -> None:
+        """Join ``channel`` only once the broker has sent what the client missed.
+
+        The broker answers on the link, in order with the channel's deliveries: every
+        seq up to its answer comes from history, every later one live, each once.
+        """
+        link = self.link
+        if link is None:
+            return
+        if channel not in self.hub.channels and channel not in self.pending:
+            link.send(Kind.SUB, channel)
+        self.pending[channel] = self.pending.get(channel, 0) + 1
+        req = next(self.requests)
+        self.recovering[req] = (conn, channel, op_id)
+        link.send(Kind.RECOVER, channel, RECOVER_HEAD.pack(req, since))
+
+    def recovered(self, channel: str, payload: bytes) -> None:
+        """The broker's answer to ``recover``: the ack, then the missed lines."""
+        req, ok, seq = RECOVERED_HEAD.unpack_from(payload)
+        left = self.pending.get(channel, 1) - 1
+        if left > 0:
+            self.pending[channel] = left
+        else:
+            self.pending.pop(channel, None)
+        conn, _, op_id = self.recovering.pop(req, (None, channel, None))
+        if conn is None or conn.transport is None:
+            if not left and channel not in self.hub.channels and self.link is not None:
+                self.link.send(Kind.UNSUB, channel)
+            return
+        if channel in channels_of(conn):
+            self.ok(conn, op_id)  # subscribed meanwhile: it has been receiving live
+            return
+        self.hub.subscribe(conn, channel)  # the broker knows our interest already
+        # Split on newlines only: a relayed ``data`` may hold a raw \r (JSON whitespace).
+        lines = [line + b"\n" for line in payload[RECOVERED_HEAD.size :].split(b"\n")[:-1]]
+        frame = self.frame
+        out = [frame(encode(Recovered(op_id, bool(ok), seq, len(lines))))]
+        out.extend(frame(line) for line in lines)
+        conn.transport.write(b"".join(out))
+        self.counters.mv[self.counters.i_out] += len(lines)
+
+    def presence(self, conn: Peer, op: PresenceOp) -> None:
+        if self.link is not None and not self.forbid(conn, op.channel, op.id):
+            req = next(self.requests)
+            self.presences[req] = (conn, op.id)
+            self.link.send(Kind.PRESENCE, op.channel, TOKEN.pack(req))
+
+    def presence_done(self, channel: str, payload: bytes) -> None:
+        """The broker's answer to ``presence``, from every worker (and node)."""
+        asked = self.presences.pop(TOKEN.unpack_from(payload)[0], None)
+        if asked is not None:
+            got = _decode_presence(payload[TOKEN.size :])
+            conn, op_id = asked
+            conn.write(encode(Presence(channel, got.users, got.anonymous, op_id, got.partial)))
+
+    def presence_part(self, channel: str) -> bytes:
+        """This worker's subscribers of ``channel``: ([{user: connections}, anonymous])."""
+        users: dict[str, int] = {}
+        anonymous = 0
+        for conn in self.hub.channels.get(channel, ()):
+            if conn.user is None:
+                anonymous += 1
+            else:
+                users[conn.user] = users.get(conn.user, 0) + 1
+        return _encode_json((users, anonymous))
