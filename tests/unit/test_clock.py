@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from manydoors.config import AuthConfig, ServiceConfig
-from manydoors.server.clock import tick_seconds
+from manydoors.server.clock import Deadlines, tick_seconds
 from support.fakes import connect, counter, in_loop, make_worker
 
 
@@ -91,3 +91,16 @@ async def test_a_websocket_handshake_not_finished_in_read_timeout_gets_408() -> 
     assert head.startswith(b"HTTP/1.1 408 Request Timeout")
     assert json.loads(body)["code"] == "read_timeout"
     assert counter(worker, "closed_read_timeout") == 1
+
+
+def test_deadlines_group_connections_by_tick_and_come_due_in_order() -> None:
+    deadlines = Deadlines()
+    a, b, c = object(), object(), object()
+    deadlines.add(5, a)  # type: ignore[arg-type]
+    deadlines.add(5, b)  # type: ignore[arg-type]
+    deadlines.add(7, c)  # type: ignore[arg-type]
+    assert len(deadlines.queue) == 2  # one entry per tick, not per connection
+    assert list(deadlines.due(4)) == []
+    assert list(deadlines.due(6)) == [a, b]
+    assert list(deadlines.due(9)) == [c]
+    assert not deadlines.queue
