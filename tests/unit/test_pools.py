@@ -214,3 +214,10 @@ def test_pool_retired_counters_start_empty_and_are_per_pool() -> None:
     assert one.retired == {"accepted": 1}
     assert two.retired == {}
     assert one.counts is None
+
+
+def test_a_hard_fd_limit_within_the_reserve_is_a_clear_startup_error() -> None:
+    config = Config()
+    with pytest.raises(StartupError, match=r"fd limit \(64\) leaves no room beside fd_reserve"):
+        plan(config, config.fd_reserve)
+    assert plan(config, config.fd_reserve + 2)  # one fd a worker: still a plan

@@ -60,7 +60,16 @@ def pool_size(service: ServiceConfig, fd_limit: int, fd_reserve: int) -> int:
 
 
 def plan(config: Config, fd_limit: int) -> list[tuple[ServiceConfig, int]]:
-    """Each service with the number of workers it gets at ``fd_limit`` per worker."""
+    """Each service with the number of workers it gets at ``fd_limit`` per worker.
+
+    Raises StartupError when the fd limit leaves no fd beside the reserve (config checks
+    a configured fd_limit; an unset one is the hard RLIMIT_NOFILE, known only here).
+    """
+    if fd_limit <= config.fd_reserve + 1:
+        raise StartupError(
+            f"the fd limit ({fd_limit}) leaves no room beside fd_reserve ({config.fd_reserve}):"
+            " raise RLIMIT_NOFILE (manydoors doctor says how) or lower fd_reserve"
+        )
     return [(s, pool_size(s, fd_limit, config.fd_reserve)) for s in config.services]
 
 
