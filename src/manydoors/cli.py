@@ -16,11 +16,13 @@ def _serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the connection server")
     p.add_argument("--config", metavar="FILE", help="TOML config file")
     for opt in (*cfg.SERVICE_OPTIONS, *cfg.GLOBAL_OPTIONS):
+        switch = {"nargs": "?", "const": "true"} if opt.switch else {}
         p.add_argument(
             opt.flag,
             dest=opt.key,
             metavar=opt.key.split(".")[-1].upper(),
             help=f"{opt.help} (env {opt.env})",
+            **switch,
         )
     p.add_argument(
         "--ready-file", metavar="FILE", help="write JSON with the bound ports and pids once ready"

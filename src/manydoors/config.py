@@ -21,6 +21,16 @@ PROTOCOLS: Final = ("tcp", "websocket")
 SLOW_POLICIES: Final = ("disconnect", "drop")
 BROKERS: Final = ("local", "redis")
 REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
+PUBLISH_RIGHTS: Final = ("none", "subscribers", "all")
+SUBSCRIBE_RIGHTS: Final = ("all", "token", "proxy")
+WEBHOOK_EVENTS: Final = (
+    "connect",
+    "disconnect",
+    "channel_occupied",
+    "channel_vacated",
+    "join",
+    "leave",
+)
 
 # What each field annotation (a string here, see the __future__ import) accepts; a TOML
 # file can give any key any type, and bool is an int to isinstance.
@@ -31,6 +41,7 @@ _TYPES: Final[dict[str, tuple[tuple[type, ...], str]]] = {
     "str | None": ((str, type(None)), "a string"),
     "bool": ((bool,), "true or false"),
     "float": ((int, float), "a number"),
+    "float | None": ((int, float, type(None)), "a number"),
 }
 
 
@@ -67,6 +78,8 @@ class ServiceConfig:
     # keeps its connection while new messages for it are dropped and counted ("drop").
     slow_policy: str = "disconnect"
     max_subscriptions: int = 100  # channels one connection may be in at once
+    # Client-to-user ``send``: a right like ``publish``, off on a public server.
+    allow_send: bool = False
     # TLS: PEM files of the certificate (chain) and its private key; both or neither.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -144,6 +157,77 @@ class ApiConfig:
             raise ConfigError(f"api: port {self.port} is not in 0-65535")
 
 
+@dataclass(frozen=True, slots=True)
+class NamespaceConfig:
+    """Rights and options of a group of channels: ``[channels]`` or a ``[[namespace]]``.
+
+    A channel ``news:sports`` belongs to the namespace ``news``; a channel without ``:``
+    (or of a namespace nobody configured) to the default one, ``[channels]``. The
+    defaults are those of a public server: clients may subscribe, not publish.
+    """
+
+    name: str = ""  # "" for the default namespace
+    publish: str = "none"  # who may ``pub`` from a client: none, subscribers, all
+    subscribe: str = "all"  # all, token (the JWT ``channels`` claim), proxy (the backend)
+    publish_proxy: bool = False  # the backend sees (and may refuse or replace) each pub
+    presence: bool = False  # members (user ids, connection counts) may be listed
+    join_leave: bool = False  # subscribers hear a user's first join and last leave
+    history_size: int | None = None  # None: the global history_size
+    history_ttl: float | None = None  # None: the global history_ttl
+    max_presence_members: int = 1000  # members in one page of a presence answer
+
+    def __post_init__(self) -> None:
+        where = f"namespace {self.name}" if self.name else "channels"
+        _check_types(self, where)
+        if self.name and (":" in self.name or not self.name.isprintable()):
+            raise ConfigError(f"{where}: a namespace name has no ':' and is printable")
+        if self.publish not in PUBLISH_RIGHTS:
+            raise ConfigError(f"{where}: publish {self.publish!r} is not one of {PUBLISH_RIGHTS}")
+        if self.subscribe not in SUBSCRIBE_RIGHTS:
+            raise ConfigError(
+                f"{where}: subscribe {self.subscribe!r} is not one of {SUBSCRIBE_RIGHTS}"
+            )
+        if self.history_size is not None and self.history_size < 0:
+            raise ConfigError(f"{where}: history_size must not be negative (0: no history)")
+        if self.history_ttl is not None and not self.history_ttl > 0:
+            raise ConfigError(f"{where}: history_ttl must be positive")
+        if self.max_presence_members < 1:
+            raise ConfigError(f"{where}: max_presence_members must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class HooksConfig:
+    """The application's backend: asked (proxies) and told (webhooks)."""
+
+    connect_url: str | None = None  # auth mode "proxy": who is this client?
+    subscribe_url: str | None = None  # namespaces with subscribe = "proxy"
+    publish_url: str | None = None  # namespaces with publish_proxy = true
+    webhook_url: str | None = None
+    webhook_secret: str | None = None  # whsec_<base64> (Standard Webhooks)
+    webhook_events: tuple[str, ...] = WEBHOOK_EVENTS
+    timeout: float = 2.0  # seconds a backend has to answer one call
+    concurrency: int = 64  # calls to the backend in flight at once, per process
+    queue_size: int = 10_000  # webhook events waiting; over it they are dropped (counted)
+
+    def __post_init__(self) -> None:
+        _check_types(self, "hooks")
+        for key in ("connect_url", "subscribe_url", "publish_url", "webhook_url"):
+            url = getattr(self, key)
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ConfigError(f"hooks: {key} must be an http:// or https:// URL")
+        bad = set(self.webhook_events) - set(WEBHOOK_EVENTS)
+        if bad:
+            raise ConfigError(
+                f"hooks: unknown webhook_events {sorted(bad)} (known: {WEBHOOK_EVENTS})"
+            )
+        if self.webhook_url is not None and not self.webhook_secret:
+            raise ConfigError("hooks: webhook_url needs webhook_secret (MANYDOORS_WEBHOOK_SECRET)")
+        if not self.timeout > 0:
+            raise ConfigError("hooks: timeout must be positive")
+        if self.concurrency < 1 or self.queue_size < 1:
+            raise ConfigError("hooks: concurrency and queue_size must be at least 1")
+
+
 AUTH_MODES: Final = ("none", "token")
 
 
@@ -194,9 +278,25 @@ class Config:
     redis_url: str = "redis://127.0.0.1:6379/0"
     history_size: int = 100  # messages kept per channel for ``sub`` with ``since``
     history_ttl: float = 300.0  # seconds a channel's history outlives its last message
+    channels: NamespaceConfig = field(default_factory=NamespaceConfig)  # the default namespace
+    namespaces: tuple[NamespaceConfig, ...] = ()
+    hooks: HooksConfig = field(default_factory=HooksConfig)
 
     def __post_init__(self) -> None:
         _check_types(self, "config")
+        if self.channels.name:
+            raise ConfigError("[channels] is the default namespace: it takes no name")
+        names = [ns.name for ns in self.namespaces]
+        if "" in names:
+            raise ConfigError("every [[namespace]] needs a name")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"namespace names must be unique: {names}")
+        for ns in (self.channels, *self.namespaces):
+            where = f"namespace {ns.name}" if ns.name else "[channels]"
+            if ns.subscribe == "proxy" and self.hooks.subscribe_url is None:
+                raise ConfigError(f'{where}: subscribe = "proxy" needs [hooks] subscribe_url')
+            if ns.publish_proxy and self.hooks.publish_url is None:
+                raise ConfigError(f"{where}: publish_proxy needs [hooks] publish_url")
         if not self.services:
             raise ConfigError("at least one [[service]] is needed")
         names = [s.name for s in self.services]
@@ -221,6 +321,15 @@ class Config:
             raise ConfigError("history_ttl must be positive")
 
 
+def _names(value: Any) -> tuple[str, ...]:
+    """A list from TOML, or comma-separated names from env or a flag."""
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"expected a list of names, not {value!r}")
+
+
 def _workers(value: Any) -> int | None:
     if value in ("auto", None):
         return None
@@ -241,6 +350,11 @@ class Option:
     flag: str
     parse: Callable[[Any], Any]
     help: str
+
+    @property
+    def switch(self) -> bool:
+        """A true/false option: its flag alone means true (``--allow-send``)."""
+        return self.parse is _bool
 
 
 SERVICE_OPTIONS: Final = (
@@ -291,6 +405,13 @@ SERVICE_OPTIONS: Final = (
         "--slow-policy",
         str,
         "a reader over max_outbound_bytes: 'disconnect' (default) or 'drop' its messages",
+    ),
+    Option(
+        "allow_send",
+        "MANYDOORS_ALLOW_SEND",
+        "--allow-send",
+        _bool,
+        "clients may send to a user (op send)",
     ),
     Option(
         "send_buffer",
@@ -440,6 +561,69 @@ GLOBAL_OPTIONS: Final = (
         float,
         "seconds a channel's history outlives its last message",
     ),
+    # The default namespace ([channels]); [[namespace]] tables exist in TOML only.
+    Option(
+        "channels.publish",
+        "MANYDOORS_PUBLISH",
+        "--publish",
+        str,
+        "who may pub from a client: none (default), subscribers, all",
+    ),
+    Option(
+        "channels.subscribe",
+        "MANYDOORS_SUBSCRIBE",
+        "--subscribe",
+        str,
+        "who may subscribe: all (default), token (the JWT channels claim), proxy",
+    ),
+    Option(
+        "channels.presence",
+        "MANYDOORS_PRESENCE",
+        "--presence",
+        _bool,
+        "presence lists a channel's members",
+    ),
+    Option(
+        "channels.join_leave",
+        "MANYDOORS_JOIN_LEAVE",
+        "--join-leave",
+        _bool,
+        "subscribers hear users join and leave",
+    ),
+    Option(
+        "channels.max_presence_members",
+        "MANYDOORS_MAX_PRESENCE_MEMBERS",
+        "--max-presence-members",
+        int,
+        "members in one page of a presence answer",
+    ),
+    Option("hooks.connect_url", "MANYDOORS_CONNECT_URL", "--connect-url", str, "connect proxy"),
+    Option(
+        "hooks.subscribe_url", "MANYDOORS_SUBSCRIBE_URL", "--subscribe-url", str, "subscribe proxy"
+    ),
+    Option("hooks.publish_url", "MANYDOORS_PUBLISH_URL", "--publish-url", str, "publish proxy"),
+    Option("hooks.webhook_url", "MANYDOORS_WEBHOOK_URL", "--webhook-url", str, "where events go"),
+    Option(
+        "hooks.webhook_secret",
+        "MANYDOORS_WEBHOOK_SECRET",
+        "--webhook-secret",
+        str,
+        "whsec_... key that signs webhooks (prefer the env variable)",
+    ),
+    Option(
+        "hooks.webhook_events",
+        "MANYDOORS_WEBHOOK_EVENTS",
+        "--webhook-events",
+        _names,
+        f"comma-separated events to send (default all: {','.join(WEBHOOK_EVENTS)})",
+    ),
+    Option(
+        "hooks.timeout",
+        "MANYDOORS_HOOK_TIMEOUT",
+        "--hook-timeout",
+        float,
+        "seconds the backend has to answer a hook",
+    ),
 )
 
 
@@ -476,7 +660,8 @@ def load(
             doc = tomllib.loads(toml_text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file: {exc}") from None
-    known_top = {"service", *(f.name for f in fields(Config))} - {"services"}
+    known_top = {"service", "namespace", *(f.name for f in fields(Config))}
+    known_top -= {"services", "namespaces"}
     unknown = set(doc) - known_top
     if unknown:
         raise ConfigError(f"unknown config keys: {sorted(unknown)}")
@@ -497,10 +682,29 @@ def load(
             svc["workers"] = _workers(svc["workers"])
         services.append(svc)
 
-    top: dict[str, Any] = {k: v for k, v in doc.items() if k not in ("api", "auth", "service")}
-    tables = {
-        name: _table(doc, name, cls) for name, cls in (("api", ApiConfig), ("auth", AuthConfig))
+    namespace_tables = doc.get("namespace", [])
+    if not isinstance(namespace_tables, list) or not all(
+        isinstance(t, dict) for t in namespace_tables
+    ):
+        raise ConfigError("use [[namespace]] tables (an array of tables) for namespaces")
+    namespaces = []
+    for i, table in enumerate(namespace_tables):
+        bad = set(table) - {f.name for f in fields(NamespaceConfig)}
+        if bad:
+            raise ConfigError(f"[[namespace]] #{i + 1}: unknown keys {sorted(bad)}")
+        namespaces.append(NamespaceConfig(**table))
+    tables_of = {
+        "api": ApiConfig,
+        "auth": AuthConfig,
+        "channels": NamespaceConfig,
+        "hooks": HooksConfig,
     }
+    top: dict[str, Any] = {
+        k: v for k, v in doc.items() if k not in (*tables_of, "service", "namespace")
+    }
+    tables = {name: _table(doc, name, cls) for name, cls in tables_of.items()}
+    if "webhook_events" in tables["hooks"]:
+        tables["hooks"]["webhook_events"] = _names(tables["hooks"]["webhook_events"])
     overrides: dict[str, Any] = {}
     for opts in (SERVICE_OPTIONS, GLOBAL_OPTIONS):
         for opt in opts:
@@ -529,6 +733,9 @@ def load(
             api=ApiConfig(**tables["api"]),
             auth=AuthConfig(**tables["auth"]),
             services=tuple(ServiceConfig(**s) for s in services),
+            channels=NamespaceConfig(**tables["channels"]),
+            namespaces=tuple(namespaces),
+            hooks=HooksConfig(**tables["hooks"]),
             **top,
         )
     except TypeError as exc:

@@ -190,6 +190,19 @@ def test_every_option_is_reachable_by_env_and_flag() -> None:
         "redis_url": ("redis://10.0.0.5:6380/1", "redis://10.0.0.5:6380/1"),
         "history_size": ("7", 7),
         "history_ttl": ("60", 60.0),
+        "allow_send": ("true", True),
+        "channels.publish": ("subscribers", "subscribers"),
+        "channels.subscribe": ("token", "token"),
+        "channels.presence": ("1", True),
+        "channels.join_leave": ("yes", True),
+        "channels.max_presence_members": ("50", 50),
+        "hooks.connect_url": ("http://127.0.0.1:9/c", "http://127.0.0.1:9/c"),
+        "hooks.subscribe_url": ("http://127.0.0.1:9/s", "http://127.0.0.1:9/s"),
+        "hooks.publish_url": ("http://127.0.0.1:9/p", "http://127.0.0.1:9/p"),
+        "hooks.webhook_url": ("http://127.0.0.1:9/e", "http://127.0.0.1:9/e"),
+        "hooks.webhook_secret": ("whsec_abc", "whsec_abc"),
+        "hooks.webhook_events": ("join, leave", ("join", "leave")),
+        "hooks.timeout": ("0.5", 0.5),
     }
     options = (*SERVICE_OPTIONS, *GLOBAL_OPTIONS)
     assert {opt.key for opt in options} == set(values)
@@ -202,7 +215,11 @@ def test_every_option_is_reachable_by_env_and_flag() -> None:
             return getattr(config.services[0], key)
         return getattr(config, key)
 
-    partner = {"tls_cert": "tls_key", "tls_key": "tls_cert"}  # valid only together
+    partner = {  # valid only together
+        "tls_cert": "tls_key",
+        "tls_key": "tls_cert",
+        "hooks.webhook_url": "hooks.webhook_secret",
+    }
     by_key = {opt.key: opt for opt in options}
     for opt in options:
         text, want = values[opt.key]

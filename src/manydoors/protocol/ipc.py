@@ -30,6 +30,9 @@ class Kind(IntEnum):
     RECOVER = 10  # a connection subscribes to <key> since a seq; payload = RECOVER_HEAD
     PRESENCE = 11  # a client asks who is in <key>; payload = request id (u32)
     PRESENCE_PART = 12  # answer to PRESENCE_ASK; payload = token (u32) + JSON {user: n}
+    JOIN = 13  # user <payload> has a first connection in channel <key> on this worker
+    LEAVE = 14  # ... its last connection in <key> on this worker is gone
+    EVENT = 15  # for the webhooks: key = event name, payload = JSON object
     # broker -> worker
     DELIVER_CHANNEL = 20  # payload = encoded event line for subscribers of <key>
     DELIVER_USER = 21  # payload = encoded event line for connections of user <key>

@@ -224,13 +224,16 @@ class Sessions:
         self.ok_when_applied(conn, op.id)
 
     def unsubscribe(self, conn: Peer, op: Unsub) -> None:
-        channel = op.channel
+        self.drop(conn, op.channel)
+        self.ok(conn, op.id)
+
+    def drop(self, conn: Peer, channel: str) -> None:
+        """Take ``conn`` out of ``channel`` (its own unsub, or the server's)."""
         for req in [r for r, (c, ch, _) in self.recovering.items() if c is conn and ch == channel]:
             # Its answer will find nobody waiting; the sub is acked now, before the unsub.
             self.ok(conn, self.recovering.pop(req)[2])
         if self.hub.unsubscribe(conn, channel) and channel not in self.pending:
             self._interest(Kind.UNSUB, channel)
-        self.ok(conn, op.id)
 
     def publish(self, conn: Peer, op: Pub) -> None:
         if self.forbid(conn, op.channel, op.id):

@@ -64,6 +64,7 @@ class WorkerSpec:
     fd_reserve: int
     drain_timeout: float
     auth: AuthConfig = field(default_factory=AuthConfig)
+    events: frozenset[str] = frozenset()  # webhook events the workers report (connect, ...)
 
 
 class Worker:
