@@ -127,6 +127,8 @@ PEERS: dict[str, Peer] = {
 # publisher would be throttled (max_messages_per_second) and the heartbeat would ping
 # idle connections (the peers' keepalives are off too).
 MANYDOORS_FLAGS = (
+    "--publish",  # the 1:1 publisher is a client (clients may not publish by default)
+    "all",
     "--max-messages-per-second",
     "0",
     "--max-bytes-per-second",

@@ -58,7 +58,8 @@ def rate(publish_to: Server, read_from: Server, n: int) -> float:
     return round(n / seconds)
 
 
-NO_RATE = ("--max-messages-per-second", "0")  # the publisher floods on purpose
+# The publisher is a client that floods on purpose (clients may not publish by default).
+NO_RATE = ("--max-messages-per-second", "0", "--publish", "all")
 
 
 @contextlib.contextmanager

@@ -275,7 +275,8 @@ def run_setup(name: str, nodes: int, broker: str, args: argparse.Namespace) -> d
             cap = share + 100
             flags = ["--host", host, "--api-host", host, "--max-connections", str(cap)]
             flags += ["--workers", str(workers_for(cap, workers)), *broker_flags]
-            flags += ["--max-messages-per-second", "0"]  # the publishers flood on purpose
+            # The publishers are clients that flood on purpose (clients may not publish by default).
+            flags += ["--max-messages-per-second", "0", "--publish", "all"]
             srv = stack.enter_context(server(*flags))
             node_list.append(Node(srv, host, share, load_share))
         deadline = time.monotonic() + 30

@@ -31,8 +31,10 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Start ``manydoors serve`` with the given flags (and optional TOML text)."""
     started: list[Server] = []
 
-    def start(*args: str, config: str | None = None, env: dict[str, str] | None = None) -> Server:
-        server = launch(tmp_path, len(started), *args, config=config, env=env)
+    def start(
+        *args: str, config: str | None = None, env: dict[str, str] | None = None, chat: bool = True
+    ) -> Server:
+        server = launch(tmp_path, len(started), *args, config=config, env=env, chat=chat)
         started.append(server)
         return server
 

@@ -75,6 +75,7 @@ port = 0
 protocol = "websocket"
 workers = 1
 max_connections = 1000
+allow_send = true
 tls_cert = "{cert}"
 tls_key = "{key}"
 
@@ -83,6 +84,7 @@ name = "chat"
 port = 0
 workers = 1
 max_connections = 1000
+allow_send = true
 tls_cert = "{cert}"
 tls_key = "{key}"
 """

@@ -32,6 +32,7 @@ port = 0
 protocol = "websocket"
 workers = 1
 max_connections = 1000
+allow_send = true
 max_message_bytes = 1024
 
 [[service]]
@@ -39,6 +40,7 @@ name = "chat"
 port = 0
 workers = 1
 max_connections = 1000
+allow_send = true
 """
 
 

@@ -13,7 +13,8 @@ import json
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
-from manydoors.config import AuthConfig, ServiceConfig
+from manydoors.config import AuthConfig, NamespaceConfig, ServiceConfig
+from manydoors.namespaces import Namespaces
 from manydoors.protocol.ipc import Kind
 from manydoors.server.connection import Connection
 from manydoors.server.stats import StatsTable
@@ -90,16 +91,31 @@ class FakeLink:
 
 
 def make_worker(
-    auth: AuthConfig | None = None, rows: int = 1, fd_limit: int = 1000, **service: Any
+    auth: AuthConfig | None = None,
+    rows: int = 1,
+    fd_limit: int = 1000,
+    channels: NamespaceConfig | None = None,
+    namespaces: tuple[NamespaceConfig, ...] = (),
+    events: frozenset[str] = frozenset(),
+    **service: Any,
 ) -> tuple[Worker, FakeLink]:
-    """A real Worker over a private stats table and a fake link."""
+    """A real Worker over a private stats table and a fake link.
+
+    ``channels`` is the default namespace (defaults: clients may subscribe, not publish).
+    """
     svc = ServiceConfig(**service)
-    spec = WorkerSpec(svc, 0, rows, fd_limit, 10, 1.0, auth or AuthConfig())
+    spaces = Namespaces(channels or NamespaceConfig(), namespaces)
+    spec = WorkerSpec(
+        svc, 0, rows, fd_limit, 10, 1.0, auth or AuthConfig(), events=events, namespaces=spaces
+    )
     buffer = (ctypes.c_ubyte * (StatsTable.size(rows) * 8))()
     worker = Worker(spec, StatsTable(memoryview(buffer), rows))
     link = FakeLink()
     worker.sessions.link = link
     return worker, link
+
+
+OPEN = NamespaceConfig(publish="all", presence=True)  # a chat: everyone may publish and look
 
 
 def connect(

@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from manydoors.launch import stop
 from support.client import Client
@@ -85,18 +85,33 @@ def manydoors_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "manydoors", *args]
 
 
+CHAT_ENV: Final = {
+    "MANYDOORS_PUBLISH": "all",
+    "MANYDOORS_ALLOW_SEND": "true",
+    "MANYDOORS_PRESENCE": "true",
+}
+
+
 def launch(
     directory: Path,
     n: int,
     *args: str,
     config: str | None = None,
     env: dict[str, str] | None = None,
+    chat: bool = True,
 ) -> Server:
     """Start ``manydoors serve`` with these flags (or TOML text); return once it is ready.
 
     Its ready file, log and config are ``directory/{ready,server,config}{n}.*``. The
-    caller stops the server.
+    caller stops the server. ``chat``: the default namespace is a chat, as every test
+    written before namespaces expects (clients may publish, send and list presence),
+    through the environment, so a test's own env and flags still win; a test of the
+    rights themselves passes ``chat=False`` and gets the public defaults.
     """
+    chat_env = dict(CHAT_ENV) if chat else {}
+    if config is not None:  # allow_send is per service: a file with services says it itself
+        chat_env.pop("MANYDOORS_ALLOW_SEND", None)
+    env = {**chat_env, **(env or {})}
     ready = directory / f"ready{n}.json"
     log = directory / f"server{n}.log"
     cmd = manydoors_cmd("serve", "--ready-file", str(ready), *args)

@@ -6,7 +6,7 @@ import json
 
 from manydoors.config import AuthConfig
 from manydoors.protocol.ipc import RECOVER_HEAD, RECOVERED_HEAD, TOKEN, Kind
-from support.fakes import connect, counter, in_loop, make_worker
+from support.fakes import OPEN, connect, counter, in_loop, make_worker
 
 
 def line(op: dict[str, object]) -> bytes:
@@ -15,11 +15,11 @@ def line(op: dict[str, object]) -> bytes:
 
 def test_welcome_names_the_connection_the_service_and_the_worker() -> None:
     worker, _ = make_worker()
-    _, tr = connect(worker)
+    conn, tr = connect(worker)
     (welcome,) = tr.take()
     assert welcome == {
         "ev": "welcome",
-        "conn": f"{worker.pid}-1",
+        "conn": worker.admission.ids.name(conn, 1),  # "<pid>-<token>": see connids.py
         "service": "chat",
         "worker": 0,
     }
@@ -55,7 +55,7 @@ def test_a_second_subscriber_needs_no_broker_round_trip() -> None:
 
 
 def test_pub_and_send_go_to_the_broker_with_the_sender() -> None:
-    worker, link = make_worker()
+    worker, link = make_worker(channels=OPEN, allow_send=True)
     conn, tr = connect(worker)
     conn.data_received(line({"op": "hello", "user": "bob"}))
     conn.data_received(line({"op": "pub", "channel": "veg", "data": {"x": 1}, "id": 3}))
@@ -164,7 +164,7 @@ def test_sub_with_since_joins_once_the_broker_has_sent_what_was_missed() -> None
 
 
 def test_presence_asks_the_broker_and_answers_with_what_it_gathered() -> None:
-    worker, link = make_worker()
+    worker, link = make_worker(channels=OPEN)
     alice, tr = connect(worker)
     anon, _ = connect(worker)
     alice.data_received(line({"op": "hello", "user": "alice"}))

@@ -26,9 +26,9 @@ from msgspec import Raw
 
 from ..node.link import Link
 from ..protocol.ipc import RECOVERED_HEAD, Kind
-from ..protocol.messages import broadcast_line, dm_line, msg_line
-from .base import BrokerStats, PresenceResult, Published
-from .history import History, missed
+from ..protocol.messages import broadcast_line, dm_line, join_line, msg_line
+from .base import BrokerStats, ChannelList, HistoryPage, PresenceResult, Published
+from .history import History, Limits, missed
 
 
 class Routes(Protocol):
@@ -47,6 +47,15 @@ class Routes(Protocol):
     def deliver_all(self, line: bytes) -> int:
         """Queue ``line`` to every worker; how many."""
 
+    def deliver(self, kind: Kind, key: str, line: bytes, exclude: str | None) -> int:
+        """A ``deliver_*`` by ``kind``, leaving out the connection ``exclude`` names."""
+
+    def tell_user(self, user: str, kind: Kind, payload: bytes) -> int:
+        """Send a command frame to the workers holding connections of ``user``; how many."""
+
+    async def node_channels(self, prefix: str, limit: int) -> ChannelList:
+        """This node's first ``limit`` channels starting with ``prefix``, counted."""
+
     async def node_presence(self, channel: str) -> PresenceResult:
         """Presence on this node's workers."""
 
@@ -55,6 +64,9 @@ class Routes(Protocol):
 
     async def cancel_tasks(self) -> None:
         """Cancel every background task and wait for them to end."""
+
+    def announce(self, channel: str, user: str, joined: bool) -> None:
+        """``user`` joined (left) ``channel`` server-wide: tell the webhooks."""
 
 
 class Backplane(ABC):
@@ -107,6 +119,14 @@ class Backplane(ABC):
         """Everything ``link`` sent before is in effect: tell it so."""
         link.send(Kind.SYNCED)
 
+    def joined(self, channel: str, user: str, joined: bool) -> None:
+        """The node's first connection of ``user`` joined ``channel`` (or its last left).
+
+        Alone, the node is the whole server: its subscribers hear it at once.
+        """
+        self.router.deliver_channel(channel, join_line(channel, user, joined))
+        self.router.announce(channel, user, joined)
+
     @abstractmethod
     def recover(self, link: Link, channel: str, req: int, since: int) -> None:
         """Answer a ``sub`` with ``since``; the link's SUB of the channel came first."""
@@ -119,21 +139,47 @@ class Backplane(ABC):
     def worker_send(self, user: str, sender: str | None, data: Raw) -> None:
         """A worker's client sent a message to ``user``."""
 
+    # The API's publishes; ``exclude`` names a connection (``"<pid>-<token>"``) left out.
+
     @abstractmethod
-    async def publish_channel(self, channel: str, sender: str | None, data: Raw) -> Published:
+    async def publish_channel(
+        self, channel: str, sender: str | None, data: Raw, exclude: str | None = None
+    ) -> Published:
         """The API publishes to ``channel``."""
 
     @abstractmethod
-    async def publish_user(self, user: str, sender: str | None, data: Raw) -> Published:
+    async def publish_user(
+        self, user: str, sender: str | None, data: Raw, exclude: str | None = None
+    ) -> Published:
         """The API sends to ``user``."""
 
     @abstractmethod
-    async def broadcast(self, sender: str | None, data: Raw) -> Published:
+    async def broadcast(
+        self, sender: str | None, data: Raw, exclude: str | None = None
+    ) -> Published:
         """The API sends to every connection."""
 
     @abstractmethod
     async def presence(self, channel: str) -> PresenceResult:
         """Who is subscribed to ``channel`` on every node."""
+
+    # The API's commands and reads, on every node.
+
+    @abstractmethod
+    async def disconnect(self, user: str, reason: str) -> Published:
+        """Close every connection of ``user`` with ``bye`` ``reason``."""
+
+    @abstractmethod
+    async def unsubscribe(self, user: str, channel: str) -> Published:
+        """Take every connection of ``user`` out of ``channel``."""
+
+    @abstractmethod
+    async def read_history(self, channel: str, since: int | None, limit: int) -> HistoryPage:
+        """Up to ``limit`` messages of ``channel``'s history (after ``since``, if given)."""
+
+    @abstractmethod
+    async def list_channels(self, prefix: str, limit: int) -> ChannelList:
+        """The first ``limit`` channels (by name) starting with ``prefix``, with counts."""
 
     def stats(self, own: BrokerStats) -> BrokerStats:
         """The router's figures ``own``, with this backplane's added."""
@@ -145,10 +191,12 @@ class LocalBackplane(Backplane):
 
     kind = "local"
 
-    def __init__(self, history_size: int = 100, history_ttl: float = 300.0) -> None:
+    def __init__(
+        self, history_size: int = 100, history_ttl: float = 300.0, limits: Limits | None = None
+    ) -> None:
         self.seqs: dict[str, int] = {}
         self.broadcast_seq = 0
-        self.history = History(history_size, history_ttl)
+        self.history = History(history_size, history_ttl, limits)
 
     # Nothing to connect to, and no other node to tell about interests: a channel's
     # seq and history outlive its last subscriber, so a client may recover later.
@@ -186,17 +234,39 @@ class LocalBackplane(Backplane):
     def worker_send(self, user: str, sender: str | None, data: Raw) -> None:
         self.router.deliver_user(user, dm_line(sender, data))
 
-    async def publish_channel(self, channel: str, sender: str | None, data: Raw) -> Published:
+    async def publish_channel(
+        self, channel: str, sender: str | None, data: Raw, exclude: str | None = None
+    ) -> Published:
         seq, line = self._channel_line(channel, sender, data)
-        return Published(seq=seq, workers=self.router.deliver_channel(channel, line))
+        workers = self.router.deliver(Kind.DELIVER_CHANNEL, channel, line, exclude)
+        return Published(seq=seq, workers=workers)
 
-    async def publish_user(self, user: str, sender: str | None, data: Raw) -> Published:
-        return Published(workers=self.router.deliver_user(user, dm_line(sender, data)))
+    async def publish_user(
+        self, user: str, sender: str | None, data: Raw, exclude: str | None = None
+    ) -> Published:
+        line = dm_line(sender, data)
+        return Published(workers=self.router.deliver(Kind.DELIVER_USER, user, line, exclude))
 
-    async def broadcast(self, sender: str | None, data: Raw) -> Published:
+    async def broadcast(
+        self, sender: str | None, data: Raw, exclude: str | None = None
+    ) -> Published:
         self.broadcast_seq += 1
         line = broadcast_line(self.broadcast_seq, sender, data)
-        return Published(seq=self.broadcast_seq, workers=self.router.deliver_all(line))
+        workers = self.router.deliver(Kind.DELIVER_ALL, "", line, exclude)
+        return Published(seq=self.broadcast_seq, workers=workers)
+
+    async def disconnect(self, user: str, reason: str) -> Published:
+        return Published(workers=self.router.tell_user(user, Kind.DISCONNECT, reason.encode()))
+
+    async def unsubscribe(self, user: str, channel: str) -> Published:
+        return Published(workers=self.router.tell_user(user, Kind.UNSUBSCRIBE, channel.encode()))
+
+    async def read_history(self, channel: str, since: int | None, limit: int) -> HistoryPage:
+        entries = self.history.entries(channel, time.monotonic())
+        return HistoryPage.of(channel, self.seqs.get(channel, 0), entries, since, limit)
+
+    async def list_channels(self, prefix: str, limit: int) -> ChannelList:
+        return await self.router.node_channels(prefix, limit)
 
     def recover(self, link: Link, channel: str, req: int, since: int) -> None:
         seq = self.seqs.get(channel, 0)

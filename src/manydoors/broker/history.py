@@ -12,28 +12,35 @@ A channel's history expires ``ttl`` seconds after its last message, as in Redis
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 Entry = tuple[int, bytes]  # (seq, event line)
+Limits = Callable[[str], tuple[int, float]]  # channel -> (size, ttl): its namespace's
 
 
 class History:
-    __slots__ = ("channels", "size", "ttl")
+    __slots__ = ("channels", "limits", "size", "ttl")
 
-    def __init__(self, size: int, ttl: float) -> None:
+    def __init__(self, size: int, ttl: float, limits: Limits | None = None) -> None:
         self.size = size
         self.ttl = ttl
+        # Per-namespace sizes and TTLs (namespaces.Namespaces.history); None: one for all.
+        self.limits = limits
         # channel -> (time of the last message, its recent messages oldest first)
         self.channels: dict[str, tuple[float, deque[Entry]]] = {}
 
+    def limits_of(self, channel: str) -> tuple[int, float]:
+        """(size, ttl) of ``channel``'s history."""
+        return (self.size, self.ttl) if self.limits is None else self.limits(channel)
+
     def add(self, channel: str, seq: int, line: bytes, now: float) -> None:
-        if self.size <= 0:
+        size, ttl = self.limits_of(channel)
+        if size <= 0:
             return
         held = self.channels.get(channel)
-        if held is not None and now - held[0] <= self.ttl:
-            entries = held[1]
-        else:  # new, or expired (as Redis's list would have): start afresh
-            entries = deque(maxlen=self.size)
+        # New, or expired (as Redis's list would have): start afresh.
+        live = held is not None and now - held[0] <= ttl
+        entries = held[1] if live and held is not None else deque(maxlen=size)
         entries.append((seq, line))
         self.channels[channel] = (now, entries)
 
@@ -41,7 +48,7 @@ class History:
         held = self.channels.get(channel)
         if held is None:
             return ()
-        if now - held[0] > self.ttl:
+        if now - held[0] > self.limits_of(channel)[1]:
             del self.channels[channel]
             return ()
         return held[1]
@@ -51,7 +58,7 @@ class History:
 
     def sweep(self, now: float) -> int:
         """Drop every expired channel; return how many were dropped."""
-        old = [ch for ch, (t, _) in self.channels.items() if now - t > self.ttl]
+        old = [ch for ch, (t, _) in self.channels.items() if now - t > self.limits_of(ch)[1]]
         for ch in old:
             del self.channels[ch]
         return len(old)

@@ -28,6 +28,18 @@ end
 local n = redis.call('%s', ARGV[1], ARGV[7] .. seq .. ' ' .. line)
 return {seq, n}
 """
+# KEYS: the channel's members hash (user -> nodes holding it). ARGV: topic, user, +1 or -1,
+# the join (leave) message. A user's first node in (last node out of) the channel tells
+# every node, so each subscriber hears one join and one leave however many nodes it
+# spans. %s: PUBLISH, or SPUBLISH on a cluster.
+MEMBERS_SCRIPT: Final = """
+local n = redis.call('HINCRBY', KEYS[1], ARGV[2], ARGV[3])
+if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[2]) end
+if (ARGV[3] == '1' and n == 1) or (ARGV[3] == '-1' and n == 0) then
+  redis.call('%s', ARGV[1], ARGV[4])
+end
+return n
+"""
 # KEYS: seq, history. The seq and the lines it ends, read atomically.
 HISTORY_SCRIPT: Final = (
     "return {redis.call('GET', KEYS[1]) or '0', redis.call('LRANGE', KEYS[2], 0, -1)}"

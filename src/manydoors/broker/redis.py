@@ -41,13 +41,14 @@ from redis.asyncio.cluster import RedisCluster
 
 from ..node.link import Link
 from ..protocol.ipc import Kind
-from ..protocol.messages import broadcast_line, dm_line, msg_line
+from ..protocol.messages import broadcast_line, dm_line, join_line, msg_line
 from .backplane import Backplane, answer_recover
-from .base import BrokerStats, PresenceResult, Published, RedisStats
-from .history import History, missed
+from .base import BrokerStats, ChannelList, HistoryPage, PresenceResult, Published, RedisStats
+from .history import History, Limits, missed
 from .keys import (
     BROADCAST,
     HISTORY_SCRIPT,
+    MEMBERS_SCRIPT,
     PUBLISH_SCRIPT,
     SEQ_TTL,
     channel_topic,
@@ -60,7 +61,7 @@ from .keys import (
     user_topic,
 )
 from .pubsub import RawPipeline, RespConnection, Shard, bulks, pack
-from .router import PRESENCE_TIMEOUT, Gather
+from .router import PRESENCE_TIMEOUT, Answers, Gather
 
 BACKOFF: Final = (0.1, 5.0)  # first and longest wait between reconnection attempts
 CATCH_UP: Final = 2.0  # seconds a recovery waits for pub/sub to reach Redis's history
@@ -68,6 +69,7 @@ BATCH: Final = 1000  # publishes per pipeline round trip
 
 _encode_json: Final = msgspec.json.Encoder().encode
 _decode_part: Final = msgspec.json.Decoder(PresenceResult).decode
+_decode_channels: Final = msgspec.json.Decoder(ChannelList).decode
 
 
 @dataclass(slots=True)
@@ -76,7 +78,8 @@ class _Channel:
 
     last: int = 0  # the highest seq delivered to workers
     ready: bool = False  # subscribed and ``last`` read from Redis
-    buffer: list[tuple[int, bytes]] = field(default_factory=list)  # arrived before ready
+    # Arrived before ready: (seq, line, the connection id to leave out or None).
+    buffer: list[tuple[int, bytes, str | None]] = field(default_factory=list)
     recoveries: list[tuple[Link, int, int]] = field(default_factory=list)  # before ready
     waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
 
@@ -91,9 +94,17 @@ class RedisBackplane(Backplane):
 
     kind = "redis"
 
-    def __init__(self, url: str, history_size: int = 100, history_ttl: float = 300.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        history_size: int = 100,
+        history_ttl: float = 300.0,
+        limits: Limits | None = None,
+    ) -> None:
         self.url = url
-        self.history = History(history_size, history_ttl)  # of the channels forwarded here
+        # Of the channels forwarded here; ``limits``: per-namespace sizes and TTLs.
+        self.history = History(history_size, history_ttl, limits)
+        self.tails: dict[tuple[int, float], bytes] = {}  # packed script tails by limits
         self.node = secrets.token_hex(6)
         self.node_topic = node_topic(self.node).encode()
         self.cluster = False
@@ -114,12 +125,15 @@ class RedisBackplane(Backplane):
         self.inits: list[tuple[str, int]] = []  # channels whose seq is to be read
         self.inits_ready = asyncio.Event()
         self.remote: dict[int, Gather] = {}  # presence questions asked of other nodes
+        self.listings: dict[int, Answers[ChannelList]] = {}  # channel lists asked of them
         self.tokens = itertools.count(1)  # of those questions
         self.received = 0  # messages this node received from Redis
         self.sent = 0  # publishes this node sent to Redis
         self.local_only = 0  # publishes delivered only locally while degraded
         self.reconnects = 0
         self.last_error = ""
+        # Joins and leaves to count in Redis (namespaces with join_leave), in order.
+        self.members_out: asyncio.Queue[tuple[str, str, bool]] = asyncio.Queue()
 
     # --- connection -------------------------------------------------------------------
 
@@ -145,6 +159,7 @@ class RedisBackplane(Backplane):
         self.pipeline = RawPipeline(self.url)
         self.router.spawn(self._publisher())
         self.router.spawn(self._initializer())
+        self.router.spawn(self._member_writer())
         try:
             await asyncio.wait_for(self._recovered_at(await self._connect()), 10)
         except Exception as exc:
@@ -334,8 +349,8 @@ class RedisBackplane(Backplane):
 
     def _flush_channel(self, channel: str, st: _Channel) -> None:
         buffered, st.buffer = st.buffer, []
-        for seq, line in buffered:
-            self._forward(channel, st, seq, line)
+        for seq, line, exclude in buffered:
+            self._forward(channel, st, seq, line, exclude)
 
     # --- messages from Redis ----------------------------------------------------------
 
@@ -360,7 +375,10 @@ class RedisBackplane(Backplane):
     def _on_message(self, topic: bytes, payload: bytes) -> None:
         head = topic[:4]
         if head == b"md:u":
-            self.router.deliver_user(untag(topic, 4), payload)
+            if payload[:1] == b"{":
+                self.router.deliver_user(untag(topic, 4), payload)
+            else:
+                self._to_user(untag(topic, 4), payload)
         elif head == b"md:c":
             channel = untag(topic, 4)
             space = payload.index(b" ")
@@ -371,24 +389,41 @@ class RedisBackplane(Backplane):
                     if st.ready:
                         self._forward(channel, st, seq, payload[space + 1 :])
                     else:
-                        st.buffer.append((seq, payload[space + 1 :]))
+                        st.buffer.append((seq, payload[space + 1 :], None))
+            elif payload[:1] == b"x":  # x<conn> m<seq> <line>: leave that connection out
+                self._excluding(channel, payload[1:space].decode(), payload[space + 1 :])
+            elif payload[:1] == b"j":  # a user's first join or last leave: j <line>
+                self.router.deliver_channel(channel, payload[space + 1 :])
             elif payload[:1] == b"p":  # a presence question: p<node> <token>
                 asker, token = payload[1:space].decode(), int(payload[space + 1 :])
                 self.router.spawn(self._answer_remote_presence(channel, asker, token))
         elif head == b"md:b":
-            self.router.deliver_all(payload[payload.index(b" ") + 1 :])
+            if payload[:1] == b"b":
+                self.router.deliver_all(payload[payload.index(b" ") + 1 :])
+            else:  # x<conn> b<seq> <line>, or l...: a question for every node
+                self._on_everyone(payload)
         elif topic == self.node_topic and payload[:1] == b"r":
             space = payload.index(b" ")
             gather = self.remote.get(int(payload[1:space]))
             if gather is not None:
                 gather.add(_decode_part(payload[space + 1 :]))
+        elif topic == self.node_topic and payload[:1] == b"k":  # channel counts: k<token> <json>
+            space = payload.index(b" ")
+            listing = self.listings.get(int(payload[1:space]))
+            if listing is not None:
+                listing.add(_decode_channels(payload[space + 1 :]))
 
-    def _forward(self, channel: str, st: _Channel, seq: int, line: bytes) -> None:
+    def _forward(
+        self, channel: str, st: _Channel, seq: int, line: bytes, exclude: str | None = None
+    ) -> None:
         if seq <= st.last:
             return  # published before this node's subscription took effect
         st.last = seq
         self.history.add(channel, seq, line, time.monotonic())
-        self.router.deliver_channel(channel, line)
+        if exclude is None:
+            self.router.deliver_channel(channel, line)
+        else:
+            self.router.deliver(Kind.DELIVER_CHANNEL, channel, line, exclude)
         if st.waiters:
             for _want, fut in [w for w in st.waiters if w[0] <= seq]:
                 if not fut.done():
@@ -405,14 +440,105 @@ class RedisBackplane(Backplane):
         self.outbox.append(("u", user, dm_line(sender, data), None))
         self.outbox_ready.set()
 
-    async def publish_channel(self, channel: str, sender: str | None, data: Raw) -> Published:
-        return await self._ask("c", channel, msg_line(channel, 0, sender, data))
+    async def publish_channel(
+        self, channel: str, sender: str | None, data: Raw, exclude: str | None = None
+    ) -> Published:
+        line = msg_line(channel, 0, sender, data)
+        if exclude is not None:
+            return await self._ask_excluding("c", channel, line, exclude)
+        return await self._ask("c", channel, line)
 
-    async def publish_user(self, user: str, sender: str | None, data: Raw) -> Published:
-        return await self._ask("u", user, dm_line(sender, data))
+    async def publish_user(
+        self, user: str, sender: str | None, data: Raw, exclude: str | None = None
+    ) -> Published:
+        line = dm_line(sender, data)
+        if exclude is not None:  # a user's topic carries it in the payload: x<conn> <line>
+            line = b"x%s %s" % (exclude.encode(), line)
+        return await self._ask("u", user, line)
 
-    async def broadcast(self, sender: str | None, data: Raw) -> Published:
-        return await self._ask("b", "", broadcast_line(0, sender, data))
+    async def broadcast(
+        self, sender: str | None, data: Raw, exclude: str | None = None
+    ) -> Published:
+        line = broadcast_line(0, sender, data)
+        if exclude is not None:
+            return await self._ask_excluding("b", "", line, exclude)
+        return await self._ask("b", "", line)
+
+    async def _ask_excluding(self, kind: str, key: str, line: bytes, exclude: str) -> Published:
+        """A channel publish or a broadcast that leaves a connection out.
+
+        The script's push tag names the connection (``x<conn> m``), so the exclusion
+        travels to every node while the history keeps the plain line. Rare (the API's
+        ``exclude``), so sent on its own rather than through the pipelined outbox: the
+        seq still comes from the script.
+        """
+        if not self.degraded:
+            size, ttl = self.history.limits_of(key) if kind == "c" else (0, self.history.ttl)
+            tag = b"x%s %s" % (exclude.encode(), b"m" if kind == "c" else b"b")
+            args = (*publish_args(kind, key, line), size, int(ttl) or 1, SEQ_TTL, tag)
+            try:
+                seq, nodes = await self.redis.eval(self.script, 2, *args)
+            except Exception as exc:
+                self._lost_command(exc)
+            else:
+                self.sent += 1
+                return Published(seq=int(seq), nodes=int(nodes))
+        self.local_only += 1  # Redis is away: this node's recipients still get it
+        if kind == "b":
+            workers = self.router.deliver(Kind.DELIVER_ALL, "", line, exclude)
+        else:
+            st = self.state.get(key)
+            prefix, suffix = split_at_seq(line)
+            line = b"%s%d%s" % (prefix, st.last if st is not None else 0, suffix)
+            workers = self.router.deliver(Kind.DELIVER_CHANNEL, key, line, exclude)
+        return Published(degraded=True, workers=workers)
+
+    def _to_user(self, user: str, payload: bytes) -> int:
+        """What came on a user's topic: a dm line, ``x<conn> <line>`` (a dm that leaves
+        a connection out), ``d<reason>`` (disconnect) or ``u<channel>`` (unsubscribe)."""
+        first = payload[:1]
+        if first == b"{":
+            return self.router.deliver_user(user, payload)
+        if first == b"x":
+            space = payload.index(b" ")
+            exclude = payload[1:space].decode()
+            return self.router.deliver(Kind.DELIVER_USER, user, payload[space + 1 :], exclude)
+        if first == b"d":
+            return self.router.tell_user(user, Kind.DISCONNECT, payload[1:])
+        if first == b"u":
+            return self.router.tell_user(user, Kind.UNSUBSCRIBE, payload[1:])
+        return 0
+
+    def _excluding(self, channel: str, exclude: str, rest: bytes) -> None:
+        """A channel message that leaves a connection out: ``rest`` is ``m<seq> <line>``."""
+        st = self.state.get(channel)
+        if st is None:
+            return
+        space = rest.index(b" ")
+        seq, line = int(rest[1:space]), rest[space + 1 :]
+        if st.ready:
+            self._forward(channel, st, seq, line, exclude)
+        else:
+            st.buffer.append((seq, line, exclude))
+
+    def _on_everyone(self, payload: bytes) -> None:
+        """What came on the broadcast topic besides a broadcast."""
+        if payload[:1] == b"x":  # x<conn> b<seq> <line>: a broadcast that leaves one out
+            first = payload.index(b" ")
+            line = payload[payload.index(b" ", first + 1) + 1 :]
+            self.router.deliver(Kind.DELIVER_ALL, "", line, payload[1:first].decode())
+        elif payload[:1] == b"l":  # l<node> <token> <limit> <prefix>: list your channels
+            asker, token, limit, prefix = payload[1:].split(b" ", 3)
+            question = (asker.decode(), int(token), int(limit), prefix.decode())
+            self.router.spawn(self._answer_remote_channels(*question))
+
+    # --- the API's commands, on the nodes that hold the user ----------------------------
+
+    async def disconnect(self, user: str, reason: str) -> Published:
+        return await self._ask("u", user, b"d" + reason.encode())
+
+    async def unsubscribe(self, user: str, channel: str) -> Published:
+        return await self._ask("u", user, b"u" + channel.encode())
 
     async def _ask(self, kind: str, key: str, line: bytes) -> Published:
         fut: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
@@ -464,6 +590,9 @@ class RedisBackplane(Backplane):
             pipe = self.redis.pipeline(transaction=False)
             for kind, key, line, _ in batch:
                 head, tail = fixed[kind]
+                if kind == "c" and self.history.limits is not None:
+                    size, ttl = self.history.limits_of(key)
+                    tail = (size, int(ttl) or 1, SEQ_TTL, b"m")
                 pipe.execute_command(*head, *publish_args(kind, key, line), *tail)
             return list(await pipe.execute(raise_on_error=False))
         # RESP by hand: the fixed parts are packed once per batch, not per message.
@@ -471,6 +600,8 @@ class RedisBackplane(Backplane):
         packed = []
         for kind, key, line, _ in batch:
             count, before, after = resp[kind]
+            if kind == "c" and self.history.limits is not None:
+                after = self._tail(key)  # the channel's namespace's history size and TTL
             args = publish_args(kind, key, line)
             packed.append(b"*%d\r\n" % (count + len(args)) + before + bulks(args) + after)
         results = await self.pipeline.execute(packed)
@@ -483,12 +614,21 @@ class RedisBackplane(Backplane):
                 results[i] = result
         return results
 
+    def _tail(self, channel: str) -> bytes:
+        """The packed size, TTL, seq TTL and tag of a channel publish, by its limits."""
+        limits = self.history.limits_of(channel)
+        tail = self.tails.get(limits)
+        if tail is None:
+            size, ttl = limits
+            tail = self.tails[limits] = bulks((size, int(ttl) or 1, SEQ_TTL, b"m"))
+        return tail
+
     def _deliver_locally(self, batch: list[_Outgoing]) -> None:
         """While Redis is away: this node's subscribers still get what is published here."""
         for kind, key, line, fut in batch:
             self.local_only += 1
             if kind == "u":
-                workers = self.router.deliver_user(key, line)
+                workers = self._to_user(key, line)  # a dm line, or a command
             elif kind == "b":
                 workers = self.router.deliver_all(line)
             else:
@@ -498,6 +638,35 @@ class RedisBackplane(Backplane):
                 workers = self.router.deliver_channel(key, prefix + str(seq).encode() + suffix)
             if fut is not None and not fut.done():
                 fut.set_result(Published(degraded=True, workers=workers))
+
+    # --- joins and leaves across nodes ---------------------------------------------------
+
+    def joined(self, channel: str, user: str, joined: bool) -> None:
+        """Count the node in (out of) the channel's members in Redis, in order."""
+        self.members_out.put_nowait((channel, user, joined))
+
+    async def _member_writer(self) -> None:
+        """One at a time, so that a user's join and leave reach Redis in their order."""
+        script = MEMBERS_SCRIPT % ("spublish" if self.cluster else "publish")
+        while True:
+            channel, user, joined = await self.members_out.get()
+            line = join_line(channel, user, joined)
+            if self.degraded:  # alone meanwhile: this node's subscribers still hear it
+                self.router.deliver_channel(channel, line)
+                self.router.announce(channel, user, joined)
+                continue
+            key = f"md:c{tag(channel)}:j"
+            delta = 1 if joined else -1
+            try:
+                nodes = await self.redis.eval(
+                    script, 1, key, channel_topic(channel), user, delta, b"j " + line
+                )
+            except Exception as exc:
+                self._lost_command(exc)
+                self.router.deliver_channel(channel, line)
+                continue
+            if (joined and nodes == 1) or (not joined and nodes == 0):
+                self.router.announce(channel, user, joined)  # once, by the node that saw it
 
     def _lost_command(self, exc: Exception) -> None:
         """A command failed: Redis is unreachable; the shards will notice (or be told)."""
@@ -574,6 +743,60 @@ class RedisBackplane(Backplane):
     async def _answer_remote_presence(self, channel: str, asker: str, token: int) -> None:
         part = await self.router.node_presence(channel)
         reply = b"r%d %s" % (token, _encode_json(part))
+        try:
+            topic = node_topic(asker)
+            await (self.redis.spublish if self.cluster else self.redis.publish)(topic, reply)
+        except Exception as exc:
+            self._lost_command(exc)
+
+    async def read_history(self, channel: str, since: int | None, limit: int) -> HistoryPage:
+        """The channel's seq and list in Redis, read atomically (while Redis is away:
+        what this node forwarded, ``partial``)."""
+        if not self.degraded:
+            t = tag(channel)
+            try:
+                value, lines = await self.redis.eval(HISTORY_SCRIPT, 2, f"md:c{t}:s", f"md:c{t}:h")
+            except Exception as exc:
+                self._lost_command(exc)
+            else:
+                seq = int(value)
+                first = seq - len(lines) + 1  # the script pushes each seq's line as it counts
+                entries = [(first + i, line) for i, line in enumerate(lines)]
+                return HistoryPage.of(channel, seq, entries, since, limit)
+        held = self.history.entries(channel, time.monotonic())
+        st = self.state.get(channel)
+        seq = st.last if st is not None else held[-1][0] if held else 0
+        page = HistoryPage.of(channel, seq, held, since, limit)
+        page.partial = True
+        return page
+
+    async def list_channels(self, prefix: str, limit: int) -> ChannelList:
+        """Asked on the broadcast topic (every node subscribes to it); each node answers
+        with its own first ``limit`` on ours, and their sum is cut to ``limit`` here."""
+        if not self.degraded:
+            token = next(self.tokens)
+            listing = self.listings[token] = Answers(ChannelList({}))
+            try:
+                question = b"l%s %d %d %s" % (self.node.encode(), token, limit, prefix.encode())
+                publish = self.redis.spublish if self.cluster else self.redis.publish
+                listing.expect(int(await publish(BROADCAST, question)))
+                result = await listing.wait(PRESENCE_TIMEOUT)
+            except Exception as exc:
+                self._lost_command(exc)
+            else:
+                result.cap(limit)
+                return result
+            finally:
+                del self.listings[token]
+        result = await self.router.node_channels(prefix, limit)
+        result.partial = True
+        return result
+
+    async def _answer_remote_channels(
+        self, asker: str, token: int, limit: int, prefix: str
+    ) -> None:
+        part = await self.router.node_channels(prefix, limit)
+        reply = b"k%d %s" % (token, _encode_json(part))
         try:
             topic = node_topic(asker)
             await (self.redis.spublish if self.cluster else self.redis.publish)(topic, reply)

@@ -437,7 +437,8 @@ class Controller:
                     "p50_ms": p["p50"],
                     "p99_ms": p["p99"],
                     "max_ms": p["max"],
-                    "per_second": round(received / secs),
+                    # A publish that failed at once took no time and delivered nothing.
+                    "per_second": round(received / secs) if secs > 0 else 0,
                     "error": r["error"],  # why the publish failed; None if it did not
                 }
             )

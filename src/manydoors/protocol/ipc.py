@@ -33,6 +33,7 @@ class Kind(IntEnum):
     JOIN = 13  # user <payload> has a first connection in channel <key> on this worker
     LEAVE = 14  # ... its last connection in <key> on this worker is gone
     EVENT = 15  # for the webhooks: key = event name, payload = JSON object
+    CHANNELS_PART = 16  # answer to CHANNELS_ASK; payload = token (u32) + JSON {channel: n}
     # broker -> worker
     DELIVER_CHANNEL = 20  # payload = encoded event line for subscribers of <key>
     DELIVER_USER = 21  # payload = encoded event line for connections of user <key>
@@ -42,12 +43,33 @@ class Kind(IntEnum):
     RECOVERED = 25  # payload = RECOVERED_HEAD + the missed event lines, in order
     PRESENCE_ASK = 26  # who of yours is in <key>? payload = token (u32)
     PRESENCE_DONE = 27  # answer to PRESENCE; payload = request id (u32) + JSON presence
+    # The server API's commands (server/commands.py in the worker)
+    DISCONNECT = 28  # close every connection of user <key> with bye <payload> (the reason)
+    UNSUBSCRIBE = 29  # every connection of user <key> leaves channel <payload>
+    CHANNELS_ASK = 30  # how many of yours are in each channel? payload = token + JSON [names]
+    # A delivery that leaves one connection out (the API's ``exclude``): payload =
+    # EXCLUDE head + the event line. Only the worker of that pid looks for it.
+    DELIVER_CHANNEL_EXCEPT = 31
+    DELIVER_USER_EXCEPT = 32
+    DELIVER_ALL_EXCEPT = 33
 
 
 # Payload heads of the frames above (network order).
 RECOVER_HEAD: Final = struct.Struct("!IQ")  # request id, since
 RECOVERED_HEAD: Final = struct.Struct("!IBQ")  # request id, recovered, seq at the join
 TOKEN: Final = struct.Struct("!I")  # a request id or token
+EXCLUDE: Final = struct.Struct("!IQ")  # the pid and the token of a connection id "<pid>-<token>"
+
+
+def exclude_head(conn: str) -> bytes | None:
+    """The EXCLUDE head of a connection id ``"<pid>-<token>"``; None if it is not one."""
+    pid, dash, token = conn.partition("-")
+    if not (dash and pid.isdigit() and token.isdigit() and pid.isascii() and token.isascii()):
+        return None
+    try:
+        return EXCLUDE.pack(int(pid), int(token))
+    except struct.error:  # out of range: no connection has this id
+        return None
 
 
 def encode_frame(kind: Kind, key: str = "", payload: bytes = b"") -> bytes:

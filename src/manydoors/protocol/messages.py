@@ -57,6 +57,7 @@ class Ping(Struct, tag="ping", tag_field="op"):
 class PresenceOp(Struct, tag="presence", tag_field="op"):
     channel: Name
     id: OpId = None
+    after: Name | None = None  # the page after this user id (the answer's ``next``)
 
 
 class PongOp(Struct, tag="pong", tag_field="op"):
@@ -196,6 +197,7 @@ class Presence(Struct, tag="presence", tag_field="ev", omit_defaults=True):
     anonymous: int  # subscribed connections that said no hello
     id: OpId = None
     partial: bool = False  # a worker or node did not answer in time
+    next: str | None = None  # more members: ask again with ``after`` = this
 
 
 class Error(Struct, tag="error", tag_field="ev", omit_defaults=True):
@@ -212,12 +214,46 @@ class Bye(Struct, tag="bye", tag_field="ev"):
     reason: str
 
 
+class Join(Struct, tag="join", tag_field="ev"):
+    """A user's first connection has joined a channel (namespaces with join_leave)."""
+
+    channel: str
+    user: str
+
+
+class Unsubscribed(Struct, tag="unsubscribed", tag_field="ev"):
+    """The server took this connection out of a channel (the HTTP API's unsubscribe)."""
+
+    channel: str
+
+
+class Leave(Struct, tag="leave", tag_field="ev"):
+    """A user's last connection has left a channel."""
+
+    channel: str
+    user: str
+
+
 _enc: Final = msgspec.json.Encoder()
 PONG: Final = b'{"ev":"pong"}\n'
 PING: Final = b'{"ev":"ping"}\n'  # the server's heartbeat; answer with {"op":"pong"}
 
 
-Event = Welcome | Msg | Dm | Broadcast | Ok | Recovered | Presence | Pong | Error | Bye
+Event = (
+    Welcome
+    | Msg
+    | Dm
+    | Broadcast
+    | Ok
+    | Recovered
+    | Presence
+    | Pong
+    | Error
+    | Bye
+    | Join
+    | Leave
+    | Unsubscribed
+)
 
 
 def encode(event: Event) -> bytes:
@@ -249,5 +285,22 @@ def ok_line(op_id: OpId) -> bytes:
     return encode(Ok(op_id))
 
 
+def page(users: dict[str, int], after: str | None, size: int) -> tuple[dict[str, int], str | None]:
+    """Members in user id order after ``after``, at most ``size``; and the next cursor."""
+    ids = sorted(u for u in users if after is None or u > after)
+    shown = ids[:size]
+    return {u: users[u] for u in shown}, shown[-1] if len(ids) > size else None
+
+
 def bye_line(reason: str) -> bytes:
     return encode(Bye(reason))
+
+
+def join_line(channel: str, user: str, joined: bool) -> bytes:
+    """``join`` (or ``leave``) of ``user`` in ``channel``."""
+    return encode(Join(channel, user) if joined else Leave(channel, user))
+
+
+def unsubscribed_line(channel: str) -> bytes:
+    """``unsubscribed`` from ``channel``."""
+    return encode(Unsubscribed(channel))

@@ -16,6 +16,7 @@ from typing import Final, cast
 from ..config import ServiceConfig
 from ..protocol.messages import OpId, Welcome, encode, error_line
 from ..protocol.wire import Wire, http_error
+from .connids import ConnIds
 from .hub import Hub
 from .limits import CountTable, ip_bucket, is_loopback, user_bucket
 from .peer import Peer
@@ -42,7 +43,8 @@ class Admission:
         self.hub = hub
         self.wire = wire
         self.cap = cap  # connections this worker may hold (its fds less a reserve)
-        self.pid, self.slot = name  # what a welcome calls the connection: pid-n, worker slot
+        self.pid, self.slot = name  # the welcome's conn (pid-token) and worker
+        self.ids = ConnIds(self.pid)  # the welcome's conn: from the object, no slot
         self.max_connections = service.max_connections
         self.per_ip = service.max_connections_per_ip
         # Without tokens a user name is a label anyone may claim: a per-user limit
@@ -59,6 +61,9 @@ class Admission:
         # are closed). Few at any time, so a set here rather than a flag in every one.
         self.slow: set[Peer] = set()
         self.slow_disconnect = service.slow_policy == "disconnect"
+        # Why we closed the connections whose end is still to come (only kept when a
+        # disconnect event must say it: webhooks).
+        self.closing: dict[Peer, str] | None = None
 
     # --- coming in ---------------------------------------------------------------------
 
@@ -113,7 +118,8 @@ class Admission:
         self.counters.mv[self.counters.i_accepted] += 1
         transport.set_write_buffer_limits(high=self.service.max_outbound_bytes)
         self.next_conn += 1
-        conn.write(encode(Welcome(f"{self.pid}-{self.next_conn}", self.service.name, self.slot)))
+        name = self.ids.name(conn, self.next_conn)
+        conn.write(encode(Welcome(name, self.service.name, self.slot)))
 
     def take_user(self, conn: Peer, user: str) -> bool:
         """Count ``conn`` as ``user`` against max_connections_per_user (False: refused)."""
@@ -145,8 +151,11 @@ class Admission:
         transport.close()
         asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
 
-    def close(self, conn: Peer, reason: str, error: bytes = b"") -> None:
+    def close(self, conn: Peer, reason: str, error: bytes = b"", bye: str | None = None) -> None:
         """Say (an error and) bye with a reason and close.
+
+        ``reason`` is the counter (``closed.<reason>``); ``bye`` what the client and the
+        disconnect webhook are told, when it differs (the API's own reason).
 
         What is queued is written first, but only for CLOSE_GRACE: then the connection
         is aborted, which frees the queued bytes of a peer that does not read (a slow
@@ -157,8 +166,11 @@ class Admission:
             return
         conn.transport = None  # nothing more is read or written; connection_lost releases
         self.counters.mv[self.counters.i_closed[reason]] += 1
-        bye = self.wire.goodbye(reason)
-        transport.write(self.wire.frame(error) + bye if error else bye)
+        said = reason if bye is None else bye
+        if self.closing is not None:
+            self.closing[conn] = said
+        goodbye = self.wire.goodbye(said)
+        transport.write(self.wire.frame(error) + goodbye if error else goodbye)
         transport.close()
         asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
 
@@ -178,8 +190,19 @@ class Admission:
         if conn in self.slow:
             self.close(conn, "slow")
 
-    def lost(self, exc: Exception) -> None:
-        """Count a connection that ended in an error we did not cause."""
+    def ended(self, conn: Peer, exc: Exception | None) -> str:
+        """Why a connection has ended (counted when it is a network error we did not cause).
+
+        ``conn.transport`` is still set unless we closed it ourselves.
+        """
+        if conn.transport is None:
+            return self.closing.pop(conn, "closed") if self.closing else "closed"
+        if exc is not None:
+            return self.lost(exc)
+        return "shutdown" if self.stopping else "client"
+
+    def lost(self, exc: Exception) -> str:
+        """Count a connection that ended in an error we did not cause; say which."""
         if isinstance(exc, ConnectionResetError | BrokenPipeError):
             reason = "reset"
         elif isinstance(exc, TimeoutError):
@@ -187,6 +210,7 @@ class Admission:
         else:
             reason = "error"
         self.counters.mv[self.counters.i_lost[reason]] += 1
+        return reason
 
     def leave(self, conn: Peer) -> None:
         """Uncount a connection that has ended (the hub has forgotten it already)."""

@@ -10,18 +10,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, Protocol, cast
+from typing import Annotated, Any, Final, Protocol, TypeVar, cast
 
 import msgspec
 from aiohttp import web
-from msgspec import Raw
+from msgspec import Meta, Raw
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ..config import ApiConfig, AuthConfig
-from ..protocol.messages import Name
+from ..config import ApiConfig, AuthConfig, NamespaceConfig
+from ..namespaces import Namespaces
+from ..protocol.ipc import exclude_head
+from ..protocol.messages import Name, page
 from .errors import StartupError
 
 MAX_BODY = 1024 * 1024
@@ -38,20 +40,48 @@ class BrokerView(Protocol):
         """``ok``, or ``degraded`` while messages cannot cross nodes."""
         ...
 
-    async def publish_channel(self, channel: str, sender: str | None, data: Raw) -> object:
+    # ``exclude``: a connection id (a welcome's ``conn``) to leave out of the delivery.
+
+    async def publish_channel(
+        self, channel: str, sender: str | None, data: Raw, exclude: str | None = None
+    ) -> object:
         """Deliver to every subscriber of ``channel``; what it reached."""
         ...
 
-    async def publish_user(self, user: str, sender: str | None, data: Raw) -> object:
+    async def publish_channels(
+        self, channels: list[str], sender: str | None, data: Raw, exclude: str | None = None
+    ) -> Sequence[object]:
+        """Publish to each of ``channels``; what each reached, in that order."""
+        ...
+
+    async def publish_user(
+        self, user: str, sender: str | None, data: Raw, exclude: str | None = None
+    ) -> object:
         """Deliver to every connection of ``user``; what it reached."""
         ...
 
-    async def broadcast(self, sender: str | None, data: Raw) -> object:
+    async def broadcast(self, sender: str | None, data: Raw, exclude: str | None = None) -> object:
         """Deliver to every connection; what it reached."""
         ...
 
     async def presence(self, channel: str) -> object:
         """Who is subscribed to ``channel``: users, anonymous, partial."""
+        ...
+
+    async def disconnect(self, user: str, reason: str) -> object:
+        """Close every connection of ``user`` (every node) with bye ``reason``; whom it asked."""
+        ...
+
+    async def unsubscribe(self, user: str, channel: str) -> object:
+        """Take every connection of ``user`` (every node) out of ``channel``; whom it asked."""
+        ...
+
+    async def read_history(self, channel: str, since: int | None, limit: int) -> object:
+        """Up to ``limit`` messages of ``channel``'s history (after ``since``, if given)."""
+        ...
+
+    async def list_channels(self, prefix: str, limit: int) -> object:
+        """The first ``limit`` channels (by name) starting with ``prefix``, with counts."""
         ...
 
 
@@ -89,16 +119,41 @@ class NodeView(Protocol):
         ...
 
 
+MAX_CHANNELS: Final = 100  # channels of one publish
+HISTORY_LIMIT: Final = (100, 1000)  # messages of one history page: default, most
+CHANNELS_LIMIT: Final = (1000, 10000)  # channels of one list: default, most
+# A welcome's ``conn``: "<pid>-<token>" (ASCII digits only).
+ConnId = Annotated[str, Meta(pattern=r"^[0-9]{1,10}-[0-9]{1,20}\Z")]
+# A bye's reason from the API: a short name a program can match, as the server's own.
+Reason = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}\Z")]
+
+
 class PublishBody(msgspec.Struct, forbid_unknown_fields=True):
     data: msgspec.Raw
     channel: Name | None = None
+    channels: Annotated[list[Name], Meta(min_length=1, max_length=MAX_CHANNELS)] | None = None
     user: Name | None = None
     broadcast: bool = False
     sender: Name | None = msgspec.field(name="from", default=None)
+    exclude: ConnId | None = None
+
+
+class DisconnectBody(msgspec.Struct, forbid_unknown_fields=True):
+    user: Name
+    reason: Reason = "disconnected"
+
+
+class UnsubscribeBody(msgspec.Struct, forbid_unknown_fields=True):
+    user: Name
+    channel: Name
 
 
 _decode_publish = msgspec.json.Decoder(PublishBody).decode
+_decode_disconnect = msgspec.json.Decoder(DisconnectBody).decode
+_decode_unsubscribe = msgspec.json.Decoder(UnsubscribeBody).decode
+B = TypeVar("B")
 _NODE: web.AppKey[NodeView] = web.AppKey("node")
+_NAMESPACES: web.AppKey[Namespaces] = web.AppKey("namespaces")
 _REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
 _STREAMS: web.AppKey[set[web.StreamResponse]] = web.AppKey("streams")
 _STOPPING: web.AppKey[asyncio.Event] = web.AppKey("stopping")
@@ -118,13 +173,8 @@ def _error(status: int, code: str, reason: str) -> web.Response:
     return _json({"error": code, "reason": reason}, status)
 
 
-async def publish(request: web.Request) -> web.Response:
-    node = request.app[_NODE]
-    if node.queued_to_workers() > BUSY_BYTES:
-        # Workers are not keeping up: say so rather than queue without bound here.
-        resp = _error(503, "busy", "the workers are behind on deliveries; retry shortly")
-        resp.headers["Retry-After"] = "1"
-        return resp
+async def _body(request: web.Request, decode: Callable[[bytes], B]) -> B | web.Response:
+    """The JSON body decoded by ``decode``, or the 400 answer that says what is wrong."""
     raw = await request.read()
     if not raw.isascii():
         # msgspec.Raw would relay invalid UTF-8 inside ``data`` to every recipient.
@@ -136,22 +186,116 @@ async def publish(request: web.Request) -> web.Response:
         # A raw newline in valid JSON is whitespace: keep it out of the NDJSON events.
         raw = raw.replace(b"\n", b" ")
     try:
-        body = _decode_publish(raw)
+        return decode(raw)
     except msgspec.ValidationError as exc:
         return _error(400, "bad_field", str(exc))
     except msgspec.DecodeError as exc:
         return _error(400, "bad_json", f"body is not valid JSON: {exc}")
-    targets = [body.channel is not None, body.user is not None, body.broadcast]
-    if sum(targets) != 1:
-        return _error(400, "bad_target", "give exactly one of: channel, user, broadcast: true")
+
+
+async def publish(request: web.Request) -> web.Response:
+    node = request.app[_NODE]
+    if node.queued_to_workers() > BUSY_BYTES:
+        # Workers are not keeping up: say so rather than queue without bound here.
+        resp = _error(503, "busy", "the workers are behind on deliveries; retry shortly")
+        resp.headers["Retry-After"] = "1"
+        return resp
+    body = await _body(request, _decode_publish)
+    if isinstance(body, web.Response):
+        return body
+    targets = (body.channel, body.channels, body.user, body.broadcast or None)
+    if sum(target is not None for target in targets) != 1:
+        return _error(
+            400, "bad_target", "give exactly one of: channel, channels, user, broadcast: true"
+        )
+    exclude = body.exclude
+    if exclude is not None and exclude_head(exclude) is None:
+        return _error(400, "bad_field", f"exclude: no connection is called {exclude}")
     broker = node.broker
+    if body.channels is not None:
+        if len(set(body.channels)) != len(body.channels):
+            return _error(400, "bad_field", "channels: name each channel once")
+        each = await broker.publish_channels(body.channels, body.sender, body.data, exclude)
+        answers = [
+            {"channel": channel, **msgspec.to_builtins(done)}
+            for channel, done in zip(body.channels, each, strict=True)
+        ]
+        return _json({"accepted": True, "channels": answers}, 202)
     if body.channel is not None:
-        done = await broker.publish_channel(body.channel, body.sender, body.data)
+        done = await broker.publish_channel(body.channel, body.sender, body.data, exclude)
     elif body.user is not None:
-        done = await broker.publish_user(body.user, body.sender, body.data)
+        done = await broker.publish_user(body.user, body.sender, body.data, exclude)
     else:
-        done = await broker.broadcast(body.sender, body.data)
+        done = await broker.broadcast(body.sender, body.data, exclude)
     return _json({"accepted": True, **msgspec.to_builtins(done)}, 202)
+
+
+async def disconnect(request: web.Request) -> web.Response:
+    """Close every connection of a user, on every node, with a bye and its reason."""
+    body = await _body(request, _decode_disconnect)
+    if isinstance(body, web.Response):
+        return body
+    done = await request.app[_NODE].broker.disconnect(body.user, body.reason)
+    return _json({"accepted": True, **msgspec.to_builtins(done)}, 202)
+
+
+async def unsubscribe(request: web.Request) -> web.Response:
+    """Take every connection of a user, on every node, out of a channel."""
+    body = await _body(request, _decode_unsubscribe)
+    if isinstance(body, web.Response):
+        return body
+    done = await request.app[_NODE].broker.unsubscribe(body.user, body.channel)
+    return _json({"accepted": True, **msgspec.to_builtins(done)}, 202)
+
+
+def _number(query: Mapping[str, str], name: str, default: int | None) -> int | None:
+    """A whole number >= 0 from the query string, or ``default``; ValueError if not one."""
+    given = query.get(name)
+    if given is None:
+        return default
+    if not (given.isascii() and given.isdigit()):
+        raise ValueError(f"{name} must be a whole number >= 0")
+    return int(given)
+
+
+def _name_error(value: str, what: str) -> str | None:
+    """Why ``value`` is not a valid name (channel, user), or None."""
+    try:
+        msgspec.convert(value, Name)
+    except msgspec.ValidationError as exc:
+        return f"{what}: {exc}"
+    return None
+
+
+async def history(request: web.Request) -> web.Response:
+    """``?channel=NAME&since=SEQ&limit=N``: a page of the channel's recent messages."""
+    query = request.query
+    channel = query.get("channel", "")
+    if not channel:
+        return _error(400, "missing_field", "give ?channel=NAME")
+    if (why := _name_error(channel, "channel")) is not None:
+        return _error(400, "bad_field", why)
+    try:
+        since = _number(query, "since", None)
+        limit = min(HISTORY_LIMIT[1], _number(query, "limit", HISTORY_LIMIT[0]) or 0)
+    except ValueError as exc:
+        return _error(400, "bad_field", str(exc))
+    page = await request.app[_NODE].broker.read_history(channel, since, limit)
+    return _json(page)  # a msgspec Struct: its messages are the events' own bytes
+
+
+async def channels(request: web.Request) -> web.Response:
+    """``?prefix=P&limit=N``: the channels with subscribers (every node), with counts."""
+    query = request.query
+    prefix = query.get("prefix", "")
+    if prefix and (why := _name_error(prefix, "prefix")) is not None:
+        return _error(400, "bad_field", why)
+    try:
+        limit = min(CHANNELS_LIMIT[1], _number(query, "limit", CHANNELS_LIMIT[0]) or 0)
+    except ValueError as exc:
+        return _error(400, "bad_field", str(exc))
+    result = await request.app[_NODE].broker.list_channels(prefix, limit)
+    return _json(msgspec.to_builtins(result))
 
 
 async def presence(request: web.Request) -> web.Response:
@@ -159,8 +303,19 @@ async def presence(request: web.Request) -> web.Response:
     channel = request.query.get("channel", "")
     if not channel:
         return _error(400, "missing_field", "give ?channel=NAME")
-    result = await request.app[_NODE].broker.presence(channel)
-    return _json({"channel": channel, **msgspec.to_builtins(result)})
+    ns = request.app[_NAMESPACES](channel)
+    if not ns.presence:
+        where = f"namespace {ns.name}" if ns.name else "the default namespace"
+        return _error(403, "forbidden", f"presence is off in {where} ([channels] presence)")
+    try:
+        limit = min(ns.max_presence_members, max(1, int(request.query.get("limit", "1000000"))))
+    except ValueError:
+        return _error(400, "bad_field", "limit must be a number")
+    answer = msgspec.to_builtins(await request.app[_NODE].broker.presence(channel))
+    answer["users"], more = page(answer["users"], request.query.get("after") or None, limit)
+    if more is not None:
+        answer["next"] = more  # ask again with ?after= this for the next page
+    return _json({"channel": channel, **answer})
 
 
 async def connections(request: web.Request) -> web.Response:
@@ -258,6 +413,29 @@ class _Collector:
         ):
             if name in broker:
                 yield CounterMetricFamily(f"manydoors_broker_{name}", help_, value=broker[name])
+        if "webhooks" in s:
+            yield from _webhook_metrics(s["webhooks"])
+
+
+WEBHOOK_OUTCOMES: Final = ("delivered", "retried", "failed", "rejected", "dropped", "invalid")
+
+
+def _webhook_metrics(hooks: dict[str, Any]) -> Iterator[Metric]:
+    """The ``webhooks`` object of the stats as metric families (see docs/hooks.md)."""
+    family = CounterMetricFamily(
+        "manydoors_webhooks", "Webhook events by outcome", labels=["outcome"]
+    )
+    for outcome in WEBHOOK_OUTCOMES:
+        family.add_metric([outcome], hooks[outcome])
+    yield family
+    yield GaugeMetricFamily(
+        "manydoors_webhooks_queued", "Webhook events waiting to be sent", value=hooks["queued"]
+    )
+    yield GaugeMetricFamily(
+        "manydoors_webhooks_in_flight",
+        "Webhook events being sent or waiting to be retried",
+        value=hooks["in_flight"],
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -311,7 +489,17 @@ async def _end_streams(app: web.Application) -> None:
 
 
 # What the API key guards: acting on clients and seeing who they are; stats only on request.
-_GUARDED: Final = frozenset({"/api/publish", "/api/presence", "/api/connections"})
+_GUARDED: Final = frozenset(
+    {
+        "/api/publish",
+        "/api/presence",
+        "/api/connections",
+        "/api/disconnect",
+        "/api/unsubscribe",
+        "/api/history",
+        "/api/channels",
+    }
+)
 _STATS: Final = frozenset({"/api/stats", "/api/stream", "/metrics"})
 
 
@@ -332,7 +520,9 @@ def _auth_middleware(key: str, protect_stats: bool) -> Any:
     return check
 
 
-async def start_api(node: NodeView, api: ApiConfig, auth: AuthConfig) -> tuple[web.AppRunner, int]:
+async def start_api(
+    node: NodeView, api: ApiConfig, auth: AuthConfig, namespaces: Namespaces | None = None
+) -> tuple[web.AppRunner, int]:
     """Serve the API for ``node`` on ``api.host:api.port``; the runner and the real port.
 
     Port 0 asks the kernel for a free port: the returned port is the one it gave.
@@ -342,6 +532,7 @@ async def start_api(node: NodeView, api: ApiConfig, auth: AuthConfig) -> tuple[w
     )
     app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
     app[_NODE] = node
+    app[_NAMESPACES] = namespaces or Namespaces(NamespaceConfig())
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(node))
     app[_REGISTRY] = registry
@@ -354,6 +545,10 @@ async def start_api(node: NodeView, api: ApiConfig, auth: AuthConfig) -> tuple[w
             web.get("/api/stream", stream),
             web.static("/static", STATIC),
             web.post("/api/publish", publish),
+            web.post("/api/disconnect", disconnect),
+            web.post("/api/unsubscribe", unsubscribe),
+            web.get("/api/history", history),
+            web.get("/api/channels", channels),
             web.get("/api/presence", presence),
             web.get("/api/stats", stats),
             web.get("/api/connections", connections),

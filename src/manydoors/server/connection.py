@@ -80,10 +80,9 @@ class Connection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None and self.transport is not None:  # not one we closed
-            self.admission.lost(exc)
+        why = self.admission.ended(self, exc)
         self.transport = None
-        self.sessions.release(self)
+        self.sessions.release(self, why)
 
     def pause_writing(self) -> None:
         self.admission.slow_down(self)

@@ -33,7 +33,7 @@ SAMPLE_TIMEOUT: Final = 2.0  # seconds a worker has to answer for /api/connectio
 class NodeStats:
     """The node's figures, read on demand from its pools and its broker."""
 
-    __slots__ = ("_stopping", "broker", "fd_limit", "pools", "samples", "started")
+    __slots__ = ("_stopping", "broker", "fd_limit", "pools", "samples", "started", "webhooks")
 
     def __init__(
         self,
@@ -48,6 +48,8 @@ class NodeStats:
         self.started = time.time()
         self.samples: dict[Link, asyncio.Future[bytes]] = {}  # SAMPLE asked, not answered
         self._stopping = stopping
+        # The webhooks' figures (``Webhooks.stats``), set by the supervisor when it sends them.
+        self.webhooks: Callable[[], object] | None = None
 
     @property
     def stopping(self) -> bool:
@@ -154,7 +156,7 @@ class NodeStats:
                     "workers": workers,
                 }
             )
-        return {
+        out: dict[str, Any] = {
             "connections": totals["connections"],
             "accepted": totals["accepted"],
             "refused": {r: totals[f"refused_{r}"] for r in REFUSED},
@@ -171,3 +173,6 @@ class NodeStats:
             "uptime_s": round(time.time() - self.started, 3),
             "services": services,
         }
+        if self.webhooks is not None:
+            out["webhooks"] = msgspec.to_builtins(self.webhooks())
+        return out

@@ -21,11 +21,11 @@ from typing import Final, Protocol
 import msgspec
 
 from ..broker.base import PresenceResult
-from ..config import AuthConfig, ServiceConfig
+from ..config import AuthConfig, NamespaceConfig, ServiceConfig
+from ..namespaces import Namespaces
 from ..protocol.ipc import RECOVER_HEAD, RECOVERED_HEAD, TOKEN, Kind
 from ..protocol.messages import (
     PONG,
-    PRIVATE,
     ClientOp,
     Hello,
     OpId,
@@ -43,6 +43,7 @@ from ..protocol.messages import (
     encode,
     error_line,
     ok_line,
+    page,
     pong_line,
 )
 from ..protocol.wire import Wire
@@ -50,6 +51,7 @@ from .admission import Admission
 from .clock import Clock
 from .hub import Hub, channels_of
 from .peer import Peer
+from .rights import Rights
 from .stats import Counters
 from .tokens import TokenError, Verifier
 
@@ -77,6 +79,8 @@ class Sessions:
         clock: Clock,
         counters: Counters,
         wire: Wire,
+        namespaces: Namespaces | None = None,
+        events: frozenset[str] = frozenset(),
     ) -> None:
         self.hub = hub
         self.admission = admission
@@ -89,8 +93,10 @@ class Sessions:
         self.msgs_per_tick = clock.msgs_per_tick
         self.rate_reason = f"more than {service.max_messages_per_second:g} messages/s"
         self.verifier = Verifier(auth) if auth.mode == "token" else None
-        # The private channels each token-holding connection may use (only those).
-        self.grants: dict[Peer, frozenset[str]] = {}
+        self.namespaces = namespaces or Namespaces(NamespaceConfig())
+        self.rights = Rights(self.namespaces, service.allow_send, self.verifier is not None)
+        self.service = service.name
+        self.events = events  # webhook events this worker reports (connect, disconnect)
         # Consecutive bad messages of the connections that sent one lately: rare, so
         # kept here rather than in a slot of every connection.
         self.strikes: dict[Peer, int] = {}
@@ -101,7 +107,8 @@ class Sessions:
         # Requests to the broker that a client waits for, by request id.
         self.requests = itertools.count(1)
         self.recovering: dict[int, tuple[Peer, str, OpId]] = {}
-        self.presences: dict[int, tuple[Peer, OpId]] = {}
+        # presence questions: (asker, op id, page after, page size)
+        self.presences: dict[int, tuple[Peer, OpId, str | None, int]] = {}
         # Channels with a connection waiting for its history: the worker keeps its
         # interest in them even while the hub holds no subscriber.
         self.pending: dict[str, int] = {}
@@ -161,13 +168,18 @@ class Sessions:
         if strikes >= self.max_bad_messages:
             self.admission.close(conn, "bad_input")
 
-    def release(self, conn: Peer) -> None:
-        """A connection has ended: forget it everywhere; tell the broker what we lost."""
+    def release(self, conn: Peer, why: str = "closed") -> None:
+        """A connection has ended (``why``): forget it everywhere; tell the broker."""
+        if conn.user is not None:
+            if conn.channels:
+                self._leave_all(conn)
+            if "disconnect" in self.events:
+                self._event("disconnect", conn, why)
         lost, gone = self.hub.remove(conn)
         self.admission.leave(conn)
         self.clock.forget(conn)
         self.strikes.pop(conn, None)
-        self.grants.pop(conn, None)
+        self.rights.grants.pop(conn, None)
         link = self.link
         if link is not None:
             for channel in lost:
@@ -192,23 +204,31 @@ class Sessions:
                 return
             user = grant.user
             if grant.channels:
-                self.grants[conn] = grant.channels
+                self.rights.grants[conn] = grant.channels
             else:
-                self.grants.pop(conn, None)
+                self.rights.grants.pop(conn, None)
         elif user is None:
             self.counters.error("missing_field")
             conn.write(error_line("missing_field", "missing field 'user'", op.id))
             return
         if not self.admission.take_user(conn, user):
             return
+        old = conn.user
+        if old is not None and old != user:
+            self._leave_all(conn)
         new, lost = self.hub.set_user(conn, user)
         self._interest(Kind.USER_OFF, lost)
         self._interest(Kind.USER_ON, user if new else None)
+        if old != user:
+            for channel in channels_of(conn):
+                self._joined(conn, channel)
+            if "connect" in self.events:
+                self._event("connect", conn, None)
         self.ok_when_applied(conn, op.id)
 
     def subscribe(self, conn: Peer, op: Sub) -> None:
         channel = op.channel
-        if self.forbid(conn, channel, op.id):
+        if self.forbid(conn, self.rights.subscribe(conn, channel), op.id):
             return
         held = channels_of(conn)
         if channel not in held and len(held) >= self.max_subscriptions:
@@ -219,8 +239,10 @@ class Sessions:
         if op.since is not None and channel not in held:
             self.recover(conn, channel, op.since, op.id)
             return
-        if self.hub.subscribe(conn, channel) and channel not in self.pending:
-            self._interest(Kind.SUB, channel)
+        if channel not in held:
+            if self.hub.subscribe(conn, channel) and channel not in self.pending:
+                self._interest(Kind.SUB, channel)
+            self._joined(conn, channel)
         self.ok_when_applied(conn, op.id)
 
     def unsubscribe(self, conn: Peer, op: Unsub) -> None:
@@ -232,29 +254,72 @@ class Sessions:
         for req in [r for r, (c, ch, _) in self.recovering.items() if c is conn and ch == channel]:
             # Its answer will find nobody waiting; the sub is acked now, before the unsub.
             self.ok(conn, self.recovering.pop(req)[2])
+        if channel not in channels_of(conn):
+            return
         if self.hub.unsubscribe(conn, channel) and channel not in self.pending:
             self._interest(Kind.UNSUB, channel)
+        self._left(conn, channel)
 
     def publish(self, conn: Peer, op: Pub) -> None:
-        if self.forbid(conn, op.channel, op.id):
+        if self.forbid(conn, self.rights.publish(conn, op.channel), op.id):
             return
         if self.link is not None:
             self.link.send(Kind.PUB, op.channel, _encode_json((conn.user, op.data)))
         self.ok(conn, op.id)
 
     def send(self, conn: Peer, op: Send) -> None:
+        if self.forbid(conn, self.rights.send(), op.id):
+            return
         if self.link is not None:
             self.link.send(Kind.SEND, op.user, _encode_json((conn.user, op.data)))
         self.ok(conn, op.id)
 
-    def forbid(self, conn: Peer, channel: str, op_id: OpId) -> bool:
-        """Refuse a private channel the connection's token does not grant."""
-        if not channel.startswith(PRIVATE) or channel in self.grants.get(conn, ()):
+    def forbid(self, conn: Peer, why: str | None, op_id: OpId) -> bool:
+        """Answer ``forbidden`` with the reason the rights gave (None: allowed)."""
+        if why is None:
             return False
         self.counters.error("forbidden")
-        why = "needs a token granting it" if self.verifier else "needs auth mode token"
-        conn.write(error_line("forbidden", f"channel {channel} is private: it {why}", op_id))
+        conn.write(error_line("forbidden", why, op_id))
         return True
+
+    # --- joins and leaves (namespaces with join_leave), connect events -----------------
+
+    def _alone(self, conn: Peer, user: str, channel: str) -> bool:
+        """No other connection of ``user`` on this worker is in ``channel``."""
+        return not any(c is not conn and channel in channels_of(c) for c in self.hub.of_user(user))
+
+    def _joined(self, conn: Peer, channel: str) -> None:
+        """``conn`` is now in ``channel``: tell the broker if its user is new there."""
+        user = conn.user
+        if user is None or self.link is None or not self.namespaces(channel).join_leave:
+            return
+        if self._alone(conn, user, channel):
+            self.link.send(Kind.JOIN, channel, user.encode())
+
+    def _left(self, conn: Peer, channel: str) -> None:
+        """``conn`` has left ``channel``: tell the broker if it was its user's last one."""
+        user = conn.user
+        if user is None or self.link is None or not self.namespaces(channel).join_leave:
+            return
+        if self._alone(conn, user, channel):
+            self.link.send(Kind.LEAVE, channel, user.encode())
+
+    def _leave_all(self, conn: Peer) -> None:
+        for channel in channels_of(conn):
+            self._left(conn, channel)
+
+    def _event(self, name: str, conn: Peer, reason: str | None) -> None:
+        """A connect or disconnect event for the webhooks (sent by the supervisor)."""
+        if self.link is None:
+            return
+        transport = conn.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        body: dict[str, object] = {"user": conn.user, "service": self.service}
+        if isinstance(peer, tuple):
+            body["address"] = f"{peer[0]}:{peer[1]}"
+        if reason is not None:
+            body["reason"] = reason
+        self.link.send(Kind.EVENT, name, _encode_json(body))
 
     # --- acks after the broker ---------------------------------------------------------
 
@@ -342,6 +407,7 @@ class Sessions:
             self.ok(conn, op_id)  # subscribed meanwhile: it has been receiving live
             return
         self.hub.subscribe(conn, channel)  # the broker knows our interest already
+        self._joined(conn, channel)
         # Split on newlines only: a relayed ``data`` may hold a raw \r (JSON whitespace).
         lines = [line + b"\n" for line in payload[RECOVERED_HEAD.size :].split(b"\n")[:-1]]
         frame = self.frame
@@ -351,9 +417,12 @@ class Sessions:
         self.counters.mv[self.counters.i_out] += len(lines)
 
     def presence(self, conn: Peer, op: PresenceOp) -> None:
-        if self.link is not None and not self.forbid(conn, op.channel, op.id):
+        if self.link is not None and not self.forbid(
+            conn, self.rights.presence(conn, op.channel), op.id
+        ):
             req = next(self.requests)
-            self.presences[req] = (conn, op.id)
+            size = self.namespaces(op.channel).max_presence_members
+            self.presences[req] = (conn, op.id, op.after, size)
             self.link.send(Kind.PRESENCE, op.channel, TOKEN.pack(req))
 
     def presence_done(self, channel: str, payload: bytes) -> None:
@@ -361,8 +430,9 @@ class Sessions:
         asked = self.presences.pop(TOKEN.unpack_from(payload)[0], None)
         if asked is not None:
             got = _decode_presence(payload[TOKEN.size :])
-            conn, op_id = asked
-            conn.write(encode(Presence(channel, got.users, got.anonymous, op_id, got.partial)))
+            conn, op_id, after, size = asked
+            users, more = page(got.users, after, size)
+            conn.write(encode(Presence(channel, users, got.anonymous, op_id, got.partial, more)))
 
     def presence_part(self, channel: str) -> bytes:
         """This worker's subscribers of ``channel``: ([{user: connections}, anonymous])."""

@@ -20,6 +20,7 @@ CLOSED: Final = (
     "hello_timeout",
     "read_timeout",
     "ping_timeout",
+    "disconnected",  # by the HTTP API (POST /api/disconnect), whatever reason its bye gave
 )
 # Connections that ended in an error the server did not cause (connection_lost with an
 # exception): a peer's reset, a kernel timeout (keepalive), anything else.

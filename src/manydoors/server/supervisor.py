@@ -21,12 +21,13 @@ import socket
 import sys
 import time
 from multiprocessing.process import BaseProcess
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ..broker.base import Broker
 from ..broker.factory import make_broker
 from ..config import Config
 from ..doctor.capacity import startup_warning
+from ..namespaces import Namespaces
 from ..node import procfs
 from ..node.link import Link
 from ..protocol.ipc import Kind
@@ -37,8 +38,13 @@ from .pools import Pool, Slot, bind_pool, check_tls, fd_limits, plan
 from .tokens import KeyFileError, Verifier
 from .worker import WorkerSpec, worker_main
 
+if TYPE_CHECKING:
+    from ..broker.router import Router
+    from .webhooks import Webhooks
+
 RESTART_BACKOFF: Final = 1.0  # seconds before restarting a worker that died young
 YOUNG: Final = 2.0  # a worker that dies within this many seconds of starting is "young"
+WORKER_EVENTS: Final = frozenset({"connect", "disconnect"})  # what workers report
 
 
 class Supervisor:
@@ -51,7 +57,9 @@ class Supervisor:
     def __init__(self, config: Config, out: Any = None) -> None:
         self.config = config
         self.out = out or sys.stderr
-        self.broker: Broker = make_broker(config)
+        router = make_broker(config)
+        self.broker: Broker = router
+        self.namespaces = Namespaces.of_config(config)  # each worker gets its own copy
         self.pools: list[Pool] = []
         self.fd_limit, self.fd_hard = fd_limits(config)
         self.ctx = mp.get_context("forkserver")
@@ -61,6 +69,28 @@ class Supervisor:
         self.api_port = config.api.port
         # What the API shows: reads self.pools (the same list) and self.stopping.
         self.view = NodeStats(self.pools, self.broker, self.fd_limit, lambda: self.stopping)
+        self.webhooks: Webhooks | None = None
+        self.worker_events: frozenset[str] = frozenset()  # what workers report (WorkerSpec)
+        self.hook_up(router)
+
+    def hook_up(self, router: Router) -> None:
+        """Send the node's events to the backend's webhook URL, if one is configured."""
+        hooks = self.config.hooks
+        if hooks.webhook_url is None:
+            return
+        from .webhooks import CHANNEL_EVENTS, Webhooks  # aiohttp stays out of the workers
+
+        try:
+            webhooks = Webhooks(hooks, f"{socket.gethostname()}:{os.getpid()}")
+        except ValueError as exc:
+            raise StartupError(f"hooks: {exc}") from None
+        self.webhooks = webhooks
+        self.view.webhooks = webhooks.stats
+        self.worker_events = webhooks.events & WORKER_EVENTS
+        if webhooks.events & CHANNEL_EVENTS:
+            router.events = webhooks.channel
+        if webhooks.events & {"join", "leave"}:  # server-wide, told by the backplane
+            router.member_events = webhooks.member
 
     def say(self, line: str) -> None:
         print(f"manydoors: {line}", file=self.out, flush=True)
@@ -95,6 +125,8 @@ class Supervisor:
             self.config.fd_reserve,
             self.config.drain_timeout,
             self.config.auth,
+            namespaces=self.namespaces,
+            events=self.worker_events,
         )
         proc = self.ctx.Process(
             target=worker_main,
@@ -122,6 +154,10 @@ class Supervisor:
                     if slot.link is link:
                         slot.ready = True
                         slot.base_fds = procfs.open_fds(int(key)) or 0
+            return
+        if kind == Kind.EVENT:  # connect, disconnect, join, leave: for the webhooks
+            if self.webhooks is not None:
+                self.webhooks.worker_event(key, payload, link.name.rpartition("/")[0])
             return
         self.broker.on_frame(link, kind, key, payload)
 
@@ -185,8 +221,12 @@ class Supervisor:
         except ConnectionError as exc:
             await self.broker.close()
             raise StartupError(str(exc)) from None
-        runner, self.api_port = await start_api(self.view, self.config.api, self.config.auth)
+        runner, self.api_port = await start_api(
+            self.view, self.config.api, self.config.auth, self.namespaces
+        )
         try:
+            if self.webhooks is not None:
+                await self.webhooks.start()
             for pool in self.pools:
                 for slot in pool.slots:
                     await self.spawn(pool, slot)
@@ -198,6 +238,8 @@ class Supervisor:
             await self.shutdown()
             await runner.cleanup()
             await self.broker.close()
+            if self.webhooks is not None:  # after the drain: its disconnects go out too
+                await self.webhooks.close()
         self.say("stopped")
         return 0
 

@@ -1,7 +1,8 @@
 """Client tokens (auth mode "token"): a JWT in ``hello`` says who the client is.
 
-``sub`` is the user id; the optional ``channels`` claim lists the private channels
-(names starting with ``$``) the user may subscribe and publish to; ``exp`` (and
+``sub`` is the user id; the optional ``channels`` claim lists the channels the user
+may use beyond what the namespaces allow everyone: private ones (names starting with
+``$``: subscribe and publish) and those of namespaces with ``subscribe = "token"``; ``exp`` (and
 ``nbf``) are honoured when present. Verification is PyJWT's: HMAC with the
 configured secret, or RS256 / ES256 with the configured public key.
 
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     Key = RSAPublicKey | EllipticCurvePublicKey | str
 
 from ..config import AuthConfig
-from ..protocol.messages import PRIVATE
 
 HMAC: tuple[str, ...] = ("HS256", "HS384", "HS512")
 PUBLIC: tuple[str, ...] = ("RS256", "ES256")
@@ -38,7 +38,7 @@ class KeyFileError(Exception):
 @dataclass(frozen=True, slots=True)
 class Grant:
     user: str
-    channels: frozenset[str]  # the private channels the token grants
+    channels: frozenset[str]  # the channels the token grants ($ ones, subscribe = token)
 
 
 class Verifier:
@@ -72,7 +72,8 @@ class Verifier:
         channels = claims.get("channels", [])
         if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
             raise TokenError("invalid token: channels must be a list of strings")
-        return Grant(user, frozenset(c for c in channels if c.startswith(PRIVATE)))
+        # Private ($) channels, and those of namespaces with subscribe = "token".
+        return Grant(user, frozenset(channels))
 
 
 def load_public_key(path: str) -> RSAPublicKey | EllipticCurvePublicKey:

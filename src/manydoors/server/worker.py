@@ -29,7 +29,8 @@ from typing import Final
 import msgspec
 import uvloop
 
-from ..config import AuthConfig, ServiceConfig
+from ..config import AuthConfig, NamespaceConfig, ServiceConfig
+from ..namespaces import Namespaces
 from ..node.link import Link
 from ..node.procfs import open_fds
 from ..node.tuning import GC_THRESHOLDS
@@ -38,6 +39,7 @@ from ..protocol.wire import NDJSON, WEBSOCKET
 from . import tls
 from .admission import Admission
 from .clock import Clock
+from .commands import Commands
 from .connection import bind
 from .hub import Hub, channels_of
 from .limits import tables
@@ -65,6 +67,7 @@ class WorkerSpec:
     drain_timeout: float
     auth: AuthConfig = field(default_factory=AuthConfig)
     events: frozenset[str] = frozenset()  # webhook events the workers report (connect, ...)
+    namespaces: Namespaces = field(default_factory=lambda: Namespaces(NamespaceConfig()))
 
 
 class Worker:
@@ -84,8 +87,18 @@ class Worker:
         )
         self.clock = Clock(svc, self.admission, self.hub, counters, wire, token_auth)
         self.sessions = Sessions(
-            svc, spec.auth, self.hub, self.admission, self.clock, counters, wire
+            svc,
+            spec.auth,
+            self.hub,
+            self.admission,
+            self.clock,
+            counters,
+            wire,
+            spec.namespaces,
+            spec.events,
         )
+        if "disconnect" in spec.events:
+            self.admission.closing = {}
         self.admission.conn_class = bind(
             tls.connection_class(svc),
             self.admission,
@@ -93,6 +106,7 @@ class Worker:
             self.sessions,
             svc.max_message_bytes,
         )
+        self.commands = Commands(self.hub, self.admission, self.sessions, wire, self.fanout)
         self.link: Link | None = None
         self.stop_event = asyncio.Event()
 
@@ -117,6 +131,8 @@ class Worker:
             self.sessions.presence_done(key, payload)
         elif kind == Kind.SAMPLE:
             link.send(Kind.SAMPLED, "", _encode_json(self.sample(int(key or 0))))
+        elif kind >= Kind.DISCONNECT:  # the API's: disconnect, unsubscribe, exclusions
+            self.commands.on_frame(link, kind, key, payload)
 
     def fanout(self, members: Iterable[Peer], data: bytes) -> None:
         # The hot loop of a broadcast: one write of the same bytes per recipient.
