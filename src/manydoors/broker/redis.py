@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import itertools
 import random
 import secrets
 import time
@@ -42,6 +41,7 @@ from redis.asyncio.cluster import RedisCluster
 from ..node.link import Link
 from ..protocol.ipc import Kind
 from ..protocol.messages import broadcast_line, dm_line, join_line, msg_line
+from .asks import Asks
 from .backplane import Backplane, answer_recover
 from .base import BrokerStats, ChannelList, HistoryPage, PresenceResult, Published, RedisStats
 from .history import History, Limits, missed
@@ -61,7 +61,6 @@ from .keys import (
     user_topic,
 )
 from .pubsub import RawPipeline, RespConnection, Shard, bulks, pack
-from .router import PRESENCE_TIMEOUT, Answers, Gather
 
 BACKOFF: Final = (0.1, 5.0)  # first and longest wait between reconnection attempts
 CATCH_UP: Final = 2.0  # seconds a recovery waits for pub/sub to reach Redis's history
@@ -124,9 +123,7 @@ class RedisBackplane(Backplane):
         self.syncs: dict[Link, deque[int]] = {}
         self.inits: list[tuple[str, int]] = []  # channels whose seq is to be read
         self.inits_ready = asyncio.Event()
-        self.remote: dict[int, Gather] = {}  # presence questions asked of other nodes
-        self.listings: dict[int, Answers[ChannelList]] = {}  # channel lists asked of them
-        self.tokens = itertools.count(1)  # of those questions
+        self.asks = Asks(self)  # presence and channel lists asked of the other nodes
         self.received = 0  # messages this node received from Redis
         self.sent = 0  # publishes this node sent to Redis
         self.local_only = 0  # publishes delivered only locally while degraded
@@ -334,7 +331,7 @@ class RedisBackplane(Backplane):
                     pipe.get(f"md:c{tag(channel)}:s")
                 values = await pipe.execute()
             except Exception as exc:
-                self._lost_command(exc)
+                self.lost_command(exc)
                 continue
             for (channel, mark), value in zip(batch, values, strict=True):
                 st = self.state.get(channel)
@@ -395,23 +392,14 @@ class RedisBackplane(Backplane):
             elif payload[:1] == b"j":  # a user's first join or last leave: j <line>
                 self.router.deliver_channel(channel, payload[space + 1 :])
             elif payload[:1] == b"p":  # a presence question: p<node> <token>
-                asker, token = payload[1:space].decode(), int(payload[space + 1 :])
-                self.router.spawn(self._answer_remote_presence(channel, asker, token))
+                self.asks.presence_asked(channel, payload)
         elif head == b"md:b":
             if payload[:1] == b"b":
                 self.router.deliver_all(payload[payload.index(b" ") + 1 :])
             else:  # x<conn> b<seq> <line>, or l...: a question for every node
                 self._on_everyone(payload)
-        elif topic == self.node_topic and payload[:1] == b"r":
-            space = payload.index(b" ")
-            gather = self.remote.get(int(payload[1:space]))
-            if gather is not None:
-                gather.add(_decode_part(payload[space + 1 :]))
-        elif topic == self.node_topic and payload[:1] == b"k":  # channel counts: k<token> <json>
-            space = payload.index(b" ")
-            listing = self.listings.get(int(payload[1:space]))
-            if listing is not None:
-                listing.add(_decode_channels(payload[space + 1 :]))
+        elif topic == self.node_topic:  # answers to this node's questions
+            self.asks.answered(payload)
 
     def _forward(
         self, channel: str, st: _Channel, seq: int, line: bytes, exclude: str | None = None
@@ -479,7 +467,7 @@ class RedisBackplane(Backplane):
             try:
                 seq, nodes = await self.redis.eval(self.script, 2, *args)
             except Exception as exc:
-                self._lost_command(exc)
+                self.lost_command(exc)
             else:
                 self.sent += 1
                 return Published(seq=int(seq), nodes=int(nodes))
@@ -528,9 +516,7 @@ class RedisBackplane(Backplane):
             line = payload[payload.index(b" ", first + 1) + 1 :]
             self.router.deliver(Kind.DELIVER_ALL, "", line, payload[1:first].decode())
         elif payload[:1] == b"l":  # l<node> <token> <limit> <prefix>: list your channels
-            asker, token, limit, prefix = payload[1:].split(b" ", 3)
-            question = (asker.decode(), int(token), int(limit), prefix.decode())
-            self.router.spawn(self._answer_remote_channels(*question))
+            self.asks.channels_asked(payload)
 
     # --- the API's commands, on the nodes that hold the user ----------------------------
 
@@ -560,7 +546,7 @@ class RedisBackplane(Backplane):
             try:
                 results = await self._execute(batch)
             except Exception as exc:
-                self._lost_command(exc)
+                self.lost_command(exc)
                 self._deliver_locally(batch)
                 continue
             self.sent += len(batch)
@@ -662,13 +648,13 @@ class RedisBackplane(Backplane):
                     script, 1, key, channel_topic(channel), user, delta, b"j " + line
                 )
             except Exception as exc:
-                self._lost_command(exc)
+                self.lost_command(exc)
                 self.router.deliver_channel(channel, line)
                 continue
             if (joined and nodes == 1) or (not joined and nodes == 0):
                 self.router.announce(channel, user, joined)  # once, by the node that saw it
 
-    def _lost_command(self, exc: Exception) -> None:
+    def lost_command(self, exc: Exception) -> None:
         """A command failed: Redis is unreachable; the shards will notice (or be told)."""
         self.last_error = f"{type(exc).__name__}: {exc}"
         if self.shards:
@@ -698,7 +684,7 @@ class RedisBackplane(Backplane):
             value, lines = await self.redis.eval(HISTORY_SCRIPT, 2, f"md:c{t}:s", f"md:c{t}:h")
             cur = int(value)
         except Exception as exc:
-            self._lost_command(exc)
+            self.lost_command(exc)
             answer_recover(link, channel, req, st.last, None)
             return
         if st.last < cur:
@@ -717,37 +703,10 @@ class RedisBackplane(Backplane):
         answer_recover(link, channel, req, st.last, missed(since, st.last, stored, local))
 
     async def presence(self, channel: str) -> PresenceResult:
-        if self.degraded:
-            result = await self.router.node_presence(channel)
-            result.partial = True
-            return result
-        token = next(self.tokens)
-        gather = self.remote[token] = Gather()
-        try:
-            question = b"p%s %d" % (self.node.encode(), token)
-            topic = channel_topic(channel)
-            if self.cluster:
-                nodes = await self.redis.spublish(topic, question)
-            else:
-                nodes = await self.redis.publish(topic, question)
-            gather.expect(int(nodes))  # the nodes subscribed to the channel each answer
-            return await gather.wait(PRESENCE_TIMEOUT)
-        except Exception as exc:
-            self._lost_command(exc)
-            result = await self.router.node_presence(channel)
-            result.partial = True
-            return result
-        finally:
-            del self.remote[token]
+        return await self.asks.presence(channel)
 
-    async def _answer_remote_presence(self, channel: str, asker: str, token: int) -> None:
-        part = await self.router.node_presence(channel)
-        reply = b"r%d %s" % (token, _encode_json(part))
-        try:
-            topic = node_topic(asker)
-            await (self.redis.spublish if self.cluster else self.redis.publish)(topic, reply)
-        except Exception as exc:
-            self._lost_command(exc)
+    async def list_channels(self, prefix: str, limit: int) -> ChannelList:
+        return await self.asks.channels(prefix, limit)
 
     async def read_history(self, channel: str, since: int | None, limit: int) -> HistoryPage:
         """The channel's seq and list in Redis, read atomically (while Redis is away:
@@ -757,7 +716,7 @@ class RedisBackplane(Backplane):
             try:
                 value, lines = await self.redis.eval(HISTORY_SCRIPT, 2, f"md:c{t}:s", f"md:c{t}:h")
             except Exception as exc:
-                self._lost_command(exc)
+                self.lost_command(exc)
             else:
                 seq = int(value)
                 first = seq - len(lines) + 1  # the script pushes each seq's line as it counts
@@ -769,39 +728,6 @@ class RedisBackplane(Backplane):
         page = HistoryPage.of(channel, seq, held, since, limit)
         page.partial = True
         return page
-
-    async def list_channels(self, prefix: str, limit: int) -> ChannelList:
-        """Asked on the broadcast topic (every node subscribes to it); each node answers
-        with its own first ``limit`` on ours, and their sum is cut to ``limit`` here."""
-        if not self.degraded:
-            token = next(self.tokens)
-            listing = self.listings[token] = Answers(ChannelList({}))
-            try:
-                question = b"l%s %d %d %s" % (self.node.encode(), token, limit, prefix.encode())
-                publish = self.redis.spublish if self.cluster else self.redis.publish
-                listing.expect(int(await publish(BROADCAST, question)))
-                result = await listing.wait(PRESENCE_TIMEOUT)
-            except Exception as exc:
-                self._lost_command(exc)
-            else:
-                result.cap(limit)
-                return result
-            finally:
-                del self.listings[token]
-        result = await self.router.node_channels(prefix, limit)
-        result.partial = True
-        return result
-
-    async def _answer_remote_channels(
-        self, asker: str, token: int, limit: int, prefix: str
-    ) -> None:
-        part = await self.router.node_channels(prefix, limit)
-        reply = b"k%d %s" % (token, _encode_json(part))
-        try:
-            topic = node_topic(asker)
-            await (self.redis.spublish if self.cluster else self.redis.publish)(topic, reply)
-        except Exception as exc:
-            self._lost_command(exc)
 
     def stats(self, own: BrokerStats) -> RedisStats:
         return RedisStats(
