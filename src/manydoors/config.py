@@ -21,7 +21,6 @@ PROTOCOLS: Final = ("tcp", "websocket")
 SLOW_POLICIES: Final = ("disconnect", "drop")
 BROKERS: Final = ("local", "redis")
 REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
-NOT_YET: Final = "not available in this version; see docs/hooks.md"
 PUBLISH_RIGHTS: Final = ("none", "subscribers", "all")
 SUBSCRIBE_RIGHTS: Final = ("all", "token", "proxy")
 WEBHOOK_EVENTS: Final = (
@@ -92,7 +91,7 @@ class ServiceConfig:
     # Loopback peers are usually a local reverse proxy carrying everyone's connections,
     # so they are not held to max_connections_per_ip unless this says so.
     limit_loopback: bool = False
-    hello_timeout: float = 5.0  # auth mode "token": seconds to say a valid hello
+    hello_timeout: float = 5.0  # auth modes "token", "proxy": seconds to say a valid hello
     read_timeout: float = 10.0  # seconds a started message (or WS handshake) may take
     ping_interval: float = 25.0  # a connection quiet this long gets {"ev":"ping"}
     ping_timeout: float = 10.0  # ... and is closed if nothing arrives within this
@@ -229,14 +228,15 @@ class HooksConfig:
             raise ConfigError("hooks: concurrency and queue_size must be at least 1")
 
 
-AUTH_MODES: Final = ("none", "token")
+AUTH_MODES: Final = ("none", "token", "proxy")
 
 
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
     """Who may connect (client tokens) and who may use the HTTP API (the API key)."""
 
-    # "token": a client's hello carries a JWT whose ``sub`` is its user id.
+    # "token": a client's hello carries a JWT whose ``sub`` is its user id; "proxy": the
+    # backend's connect hook ([hooks] connect_url) says who the client of a hello is.
     mode: str = "none"
     secret: str | None = None  # HMAC key (HS256/384/512) of the tokens ...
     public_key: str | None = None  # ... or a PEM file of an RSA/EC key (RS256, ES256)
@@ -298,11 +298,11 @@ class Config:
                 raise ConfigError(f'{where}: subscribe = "proxy" needs [hooks] subscribe_url')
             if ns.publish_proxy and self.hooks.publish_url is None:
                 raise ConfigError(f"{where}: publish_proxy needs [hooks] publish_url")
-            # Named by the interface, not served yet: refuse rather than let everyone in.
-            if ns.subscribe == "proxy" or ns.publish_proxy:
-                raise ConfigError(f"{where}: {NOT_YET} (subscribe and publish proxies)")
-        if self.hooks.connect_url or self.hooks.subscribe_url or self.hooks.publish_url:
-            raise ConfigError(f"hooks: {NOT_YET} (connect_url, subscribe_url, publish_url)")
+        if self.auth.mode == "proxy" and self.hooks.connect_url is None:
+            raise ConfigError('auth: mode "proxy" needs [hooks] connect_url')
+        if self.auth.mode != "proxy" and self.hooks.connect_url is not None:
+            # Else a forgotten mode would let everyone in while the backend waits for calls.
+            raise ConfigError('hooks: connect_url is used only with [auth] mode = "proxy"')
         if not self.services:
             raise ConfigError("at least one [[service]] is needed")
         names = [s.name for s in self.services]
@@ -468,7 +468,7 @@ SERVICE_OPTIONS: Final = (
         "MANYDOORS_HELLO_TIMEOUT",
         "--hello-timeout",
         float,
-        'seconds to say a valid hello (auth mode "token")',
+        'seconds to say a valid hello (auth mode "token" or "proxy")',
     ),
     Option(
         "read_timeout",
@@ -495,7 +495,13 @@ SERVICE_OPTIONS: Final = (
 GLOBAL_OPTIONS: Final = (
     Option("api.host", "MANYDOORS_API_HOST", "--api-host", str, "HTTP API address"),
     Option("api.port", "MANYDOORS_API_PORT", "--api-port", int, "HTTP API port"),
-    Option("auth.mode", "MANYDOORS_AUTH_MODE", "--auth-mode", str, "'none' or 'token' (JWT)"),
+    Option(
+        "auth.mode",
+        "MANYDOORS_AUTH_MODE",
+        "--auth-mode",
+        str,
+        "'none', 'token' (JWT) or 'proxy' (the connect hook)",
+    ),
     Option(
         "auth.secret",
         "MANYDOORS_AUTH_SECRET",
@@ -583,6 +589,13 @@ GLOBAL_OPTIONS: Final = (
         "who may subscribe: all (default), token (the JWT channels claim), proxy",
     ),
     Option(
+        "channels.publish_proxy",
+        "MANYDOORS_PUBLISH_PROXY",
+        "--publish-proxy",
+        _bool,
+        "the backend's publish hook sees each client pub (may refuse or replace data)",
+    ),
+    Option(
         "channels.presence",
         "MANYDOORS_PRESENCE",
         "--presence",
@@ -603,7 +616,27 @@ GLOBAL_OPTIONS: Final = (
         int,
         "members in one page of a presence answer",
     ),
-    # connect_url, subscribe_url and publish_url get their flags with the proxies.
+    Option(
+        "hooks.connect_url",
+        "MANYDOORS_CONNECT_URL",
+        "--connect-url",
+        str,
+        "the backend's connect hook (auth mode proxy)",
+    ),
+    Option(
+        "hooks.subscribe_url",
+        "MANYDOORS_SUBSCRIBE_URL",
+        "--subscribe-url",
+        str,
+        "the backend's subscribe hook (subscribe = proxy)",
+    ),
+    Option(
+        "hooks.publish_url",
+        "MANYDOORS_PUBLISH_URL",
+        "--publish-url",
+        str,
+        "the backend's publish hook (publish_proxy)",
+    ),
     Option("hooks.webhook_url", "MANYDOORS_WEBHOOK_URL", "--webhook-url", str, "where events go"),
     Option(
         "hooks.webhook_secret",
@@ -625,6 +658,13 @@ GLOBAL_OPTIONS: Final = (
         "--hook-timeout",
         float,
         "seconds the backend has to answer a hook",
+    ),
+    Option(
+        "hooks.concurrency",
+        "MANYDOORS_HOOK_CONCURRENCY",
+        "--hook-concurrency",
+        int,
+        "calls to the backend in flight at once, per process",
     ),
 )
 

@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
-from manydoors.config import AuthConfig, NamespaceConfig, ServiceConfig
+from manydoors.config import AuthConfig, HooksConfig, NamespaceConfig, ServiceConfig
 from manydoors.namespaces import Namespaces
 from manydoors.protocol.ipc import Kind
 from manydoors.server.connection import Connection
@@ -97,6 +97,7 @@ def make_worker(
     channels: NamespaceConfig | None = None,
     namespaces: tuple[NamespaceConfig, ...] = (),
     events: frozenset[str] = frozenset(),
+    hooks: HooksConfig | None = None,
     **service: Any,
 ) -> tuple[Worker, FakeLink]:
     """A real Worker over a private stats table and a fake link.
@@ -106,13 +107,72 @@ def make_worker(
     svc = ServiceConfig(**service)
     spaces = Namespaces(channels or NamespaceConfig(), namespaces)
     spec = WorkerSpec(
-        svc, 0, rows, fd_limit, 10, 1.0, auth or AuthConfig(), events=events, namespaces=spaces
+        svc,
+        0,
+        rows,
+        fd_limit,
+        10,
+        1.0,
+        auth or AuthConfig(),
+        events=events,
+        namespaces=spaces,
+        hooks=hooks or HooksConfig(),
     )
     buffer = (ctypes.c_ubyte * (StatsTable.size(rows) * 8))()
     worker = Worker(spec, StatsTable(memoryview(buffer), rows))
     link = FakeLink()
     worker.sessions.link = link
     return worker, link
+
+
+class FakeBackend:
+    """The backend of the proxy hooks, in place of the HTTP client: records each call
+    as (hook, JSON body) and answers with ``answer(hook, body)``: (status, JSON-able
+    body), or an exception to raise (OSError, TimeoutError), after ``delay`` seconds."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.delay = 0.0
+        self.answer: Callable[[str, dict[str, Any]], Any] = lambda hook, body: (200, {})
+        self.closed = False
+
+    async def post(self, url: str, body: bytes, timeout: float) -> tuple[int, bytes]:
+        hook = url.rsplit("/", 1)[1]
+        got = json.loads(body)
+        self.calls.append((hook, got))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        answer = self.answer(hook, got)
+        if isinstance(answer, BaseException):
+            raise answer
+        status, out = answer
+        return status, out if isinstance(out, bytes) else json.dumps(out).encode()
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+HOOKS = HooksConfig(
+    connect_url="http://backend/connect",
+    subscribe_url="http://backend/subscribe",
+    publish_url="http://backend/publish",
+    timeout=0.5,
+)
+
+
+def with_backend(worker: Worker) -> FakeBackend:
+    """Put a fake backend behind the worker's proxies."""
+    backend = FakeBackend()
+    assert worker.sessions.proxies is not None, "make the worker with hooks=HOOKS"
+    worker.sessions.proxies.client = backend
+    return backend
+
+
+async def settle(worker: Worker) -> None:
+    """Wait until every call to the backend has been answered and acted on."""
+    proxies = worker.sessions.proxies
+    while proxies is not None and proxies.tasks:
+        await asyncio.gather(*list(proxies.tasks))
 
 
 OPEN = NamespaceConfig(publish="all", presence=True)  # a chat: everyone may publish and look

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from manydoors.config import AuthConfig, ServiceConfig
-from manydoors.server.clock import Deadlines, tick_seconds
+from manydoors.server.clock import tick_seconds
+from manydoors.server.deadlines import Deadlines
 from support.fakes import connect, counter, in_loop, make_worker
 
 

@@ -193,6 +193,7 @@ def test_every_option_is_reachable_by_env_and_flag() -> None:
         "allow_send": ("true", True),
         "channels.publish": ("subscribers", "subscribers"),
         "channels.subscribe": ("token", "token"),
+        "channels.publish_proxy": ("true", True),
         "channels.presence": ("1", True),
         "channels.join_leave": ("yes", True),
         "channels.max_presence_members": ("50", 50),
@@ -200,6 +201,10 @@ def test_every_option_is_reachable_by_env_and_flag() -> None:
         "hooks.webhook_secret": ("whsec_abc", "whsec_abc"),
         "hooks.webhook_events": ("join, leave", ("join", "leave")),
         "hooks.timeout": ("0.5", 0.5),
+        "hooks.concurrency": ("8", 8),
+        "hooks.connect_url": ("http://127.0.0.1:9/c", "http://127.0.0.1:9/c"),
+        "hooks.subscribe_url": ("http://127.0.0.1:9/s", "http://127.0.0.1:9/s"),
+        "hooks.publish_url": ("http://127.0.0.1:9/p", "http://127.0.0.1:9/p"),
     }
     options = (*SERVICE_OPTIONS, *GLOBAL_OPTIONS)
     assert {opt.key for opt in options} == set(values)
@@ -213,9 +218,11 @@ def test_every_option_is_reachable_by_env_and_flag() -> None:
         return getattr(config, key)
 
     partner = {  # valid only together
-        "tls_cert": "tls_key",
-        "tls_key": "tls_cert",
-        "hooks.webhook_url": "hooks.webhook_secret",
+        "tls_cert": ("tls_key", values["tls_key"][0]),
+        "tls_key": ("tls_cert", values["tls_cert"][0]),
+        "hooks.webhook_url": ("hooks.webhook_secret", "whsec_abc"),
+        "hooks.connect_url": ("auth.mode", "proxy"),
+        "channels.publish_proxy": ("hooks.publish_url", "http://127.0.0.1:9/p"),
     }
     by_key = {opt.key: opt for opt in options}
     for opt in options:
@@ -224,8 +231,9 @@ def test_every_option_is_reachable_by_env_and_flag() -> None:
         assert opt.flag.startswith("--")
         env, flags = {opt.env: text}, {opt.key: text}
         if opt.key in partner:
-            other = by_key[partner[opt.key]]
-            env[other.env] = flags[other.key] = values[other.key][0]
+            key, other_text = partner[opt.key]
+            other = by_key[key]
+            env[other.env] = flags[other.key] = other_text
         assert read(load(env=env), opt.key) == want, opt.env
         assert read(load(flags=flags), opt.key) == want, opt.flag
 

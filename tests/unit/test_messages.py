@@ -110,6 +110,7 @@ def test_every_documented_op_decodes() -> None:
         "ping": b'{"op":"ping"}',
         "presence": b'{"op":"presence","channel":"c"}',
         "pong": b'{"op":"pong"}',
+        "refresh": b'{"op":"refresh","token":"t"}',
     }
     assert set(lines) == set(OPS)
     for line in lines.values():
@@ -385,6 +386,7 @@ def test_error_codes_are_the_documented_ones() -> None:
         "rate_limited",  # over max_messages_per_second
         "too_many_connections",  # max_connections_per_ip / per_user
         "read_timeout",  # a message or handshake not finished within read_timeout
+        "unavailable",  # the backend gave no usable answer to a proxy hook
     }
 
 

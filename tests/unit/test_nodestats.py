@@ -144,9 +144,13 @@ def test_stats_has_every_key_and_every_reason_even_at_zero(sockets: Any) -> None
         "closed",
         "lost",
         "errors",
+        "hooks",
         "broker",
         "uptime_s",
         "services",
+    }
+    assert stats["hooks"] == {
+        h: {"ok": 0, "refused": 0, "unavailable": 0} for h in ("connect", "subscribe", "publish")
     }
     assert stats["refused"] == dict.fromkeys(REFUSED, 0)
     assert stats["closed"] == dict.fromkeys(CLOSED, 0)

@@ -54,7 +54,9 @@ def test_namespaces_come_from_toml_and_the_default_one_from_flags() -> None:
         ('[[namespace]]\nname = "a"\npublish = "everyone"\n', "publish 'everyone'"),
         ('[[namespace]]\nname = "a:b"\n', "no ':'"),
         ('[channels]\nsubscribe = "proxy"\n', "subscribe_url"),
-        ('[hooks]\nsubscribe_url = "http://127.0.0.1:9/s"\n', "not available in this version"),
+        ("[channels]\npublish_proxy = true\n", "publish_url"),
+        ('[auth]\nmode = "proxy"\n', "connect_url"),
+        ('[hooks]\nconnect_url = "http://127.0.0.1:9/c"\n', 'only with .auth. mode = "proxy"'),
     ):
         with pytest.raises(ConfigError, match=why):
             load(bad)

@@ -20,10 +20,12 @@ OpId = int | str | None
 
 
 class Hello(Struct, tag="hello", tag_field="op"):
-    # With auth mode "token" the user comes from the token's ``sub`` claim.
+    # With auth mode "token" the user comes from the token's ``sub`` claim; with
+    # "proxy", from the backend, which gets ``token`` and ``data`` (raw JSON) as sent.
     user: Name | None = None
     token: Annotated[str, Meta(max_length=8192)] | None = None
     id: OpId = None
+    data: Raw = Raw(b"null")
 
 
 class Sub(Struct, tag="sub", tag_field="op"):
@@ -50,6 +52,14 @@ class Send(Struct, tag="send", tag_field="op"):
     id: OpId = None
 
 
+class Refresh(Struct, tag="refresh", tag_field="op"):
+    """New credentials before the old ones end: a JWT (mode "token"), or a token for the
+    backend's connect hook (mode "proxy"), for the same user."""
+
+    token: Annotated[str, Meta(max_length=8192)]
+    id: OpId = None
+
+
 class Ping(Struct, tag="ping", tag_field="op"):
     id: OpId = None
 
@@ -64,8 +74,8 @@ class PongOp(Struct, tag="pong", tag_field="op"):
     """A client's answer to the server's ``{"ev":"ping"}``: it only proves it is alive."""
 
 
-ClientOp = Hello | Sub | Unsub | Pub | Send | Ping | PresenceOp | PongOp
-OPS: Final = ("hello", "sub", "unsub", "pub", "send", "ping", "presence", "pong")
+ClientOp = Hello | Sub | Unsub | Pub | Send | Ping | PresenceOp | PongOp | Refresh
+OPS: Final = ("hello", "sub", "unsub", "pub", "send", "ping", "presence", "pong", "refresh")
 PRIVATE: Final = "$"  # channels starting with it need a token's ``channels`` claim
 
 
@@ -96,6 +106,7 @@ ERROR_CODES: Final = (
     "rate_limited",
     "too_many_connections",  # max_connections_per_ip / _per_user
     "read_timeout",  # a message or handshake started and not finished in time
+    "unavailable",  # the application's backend did not answer (a proxy hook): try again
 )
 
 _op_decoder: Final[msgspec.json.Decoder[ClientOp]] = msgspec.json.Decoder(ClientOp)
@@ -210,6 +221,12 @@ class Pong(Struct, tag="pong", tag_field="ev", omit_defaults=True):
     id: OpId = None
 
 
+class RefreshSoon(Struct, tag="refresh", tag_field="ev"):
+    """The connection's credentials end in ``in`` seconds: send a ``refresh`` op."""
+
+    in_: int = msgspec.field(name="in")
+
+
 class Bye(Struct, tag="bye", tag_field="ev"):
     reason: str
 
@@ -253,6 +270,7 @@ Event = (
     | Join
     | Leave
     | Unsubscribed
+    | RefreshSoon
 )
 
 
@@ -290,6 +308,11 @@ def page(users: dict[str, int], after: str | None, size: int) -> tuple[dict[str,
     ids = sorted(u for u in users if after is None or u > after)
     shown = ids[:size]
     return {u: users[u] for u in shown}, shown[-1] if len(ids) > size else None
+
+
+def refresh_line(seconds: int) -> bytes:
+    """``refresh``: the credentials end in ``seconds``."""
+    return encode(RefreshSoon(seconds))
 
 
 def bye_line(reason: str) -> bytes:

@@ -47,8 +47,9 @@ class Admission:
         self.ids = ConnIds(self.pid)  # the welcome's conn: from the object, no slot
         self.max_connections = service.max_connections
         self.per_ip = service.max_connections_per_ip
-        # Without tokens a user name is a label anyone may claim: a per-user limit
-        # would let anyone lock a user out, so it applies in auth mode "token" only.
+        # Without auth a user name is a label anyone may claim: a per-user limit
+        # would let anyone lock a user out, so it applies in auth modes "token" and
+        # "proxy" only.
         self.per_user = service.max_connections_per_user if token_auth else 0
         self.ip_counts: CountTable | None = None  # shared with the service's workers
         self.user_counts: CountTable | None = None

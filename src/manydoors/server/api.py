@@ -398,6 +398,15 @@ class _Collector:
             for label, value in s[key].items():
                 family.add_metric([label], value)
             yield family
+        hooks = CounterMetricFamily(
+            "manydoors_hooks",
+            "Proxy calls to the backend, by hook and outcome",
+            labels=["hook", "outcome"],
+        )
+        for hook, outcomes in s["hooks"].items():
+            for outcome, value in outcomes.items():
+                hooks.add_metric([hook, outcome], value)
+        yield hooks
         broker = s["broker"]
         yield GaugeMetricFamily(
             "manydoors_broker_degraded",

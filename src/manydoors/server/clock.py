@@ -11,13 +11,13 @@ tick.
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterator
 from typing import Final
 
 from ..config import ServiceConfig
 from ..protocol.wire import Wire
 from .admission import Admission
+from .deadlines import Deadlines
+from .expiry import Expiry
 from .hub import Hub
 from .peer import Peer
 from .stats import Counters
@@ -29,34 +29,6 @@ def tick_seconds(svc: ServiceConfig) -> float:
     """The sweep period: a quarter of the shortest timeout, at most MAX_TICK."""
     timeouts = (svc.hello_timeout, svc.read_timeout, svc.ping_interval, svc.ping_timeout)
     return max(0.01, min(MAX_TICK, *(t / 4 for t in timeouts if t > 0)))
-
-
-class Deadlines:
-    """Connections by the tick of their deadline, in tick order.
-
-    Grouped per tick: a connection costs one list slot (8 bytes) rather than a
-    (tick, connection) tuple (64 bytes), which a whole ramp of WebSocket handshakes
-    held for read_timeout and then left behind as heap fragments: 1,660 -> 1,600 B a
-    connection at 40,000 (``./run bench memory --connections 40000 --ws``).
-    """
-
-    __slots__ = ("queue",)
-
-    def __init__(self) -> None:
-        self.queue: deque[tuple[int, list[Peer]]] = deque()
-
-    def add(self, tick: int, conn: Peer) -> None:
-        queue = self.queue
-        if queue and queue[-1][0] == tick:
-            queue[-1][1].append(conn)
-        else:
-            queue.append((tick, [conn]))
-
-    def due(self, now: int) -> Iterator[Peer]:
-        """Take the connections whose deadline has come."""
-        queue = self.queue
-        while queue and queue[0][0] <= now:
-            yield from queue.popleft()[1]
 
 
 class Clock:
@@ -101,6 +73,8 @@ class Clock:
         self.bytes_per_tick = max(1, round(byte_rate * tick_s)) if byte_rate else 1 << 62
         self.paused: set[Peer] = set()
         self.active: list[Peer] = []
+        # Connections whose credentials end (a JWT's exp, the connect proxy's expire_at).
+        self.expiry = Expiry(tick_s, self.expired)
 
     def watch(self, conn: Peer) -> None:
         """Start the deadlines of a connection let in: its hello, its handshake."""
@@ -131,6 +105,15 @@ class Clock:
     def forget(self, conn: Peer) -> None:
         """A connection has ended: nothing is to be resumed for it."""
         self.paused.discard(conn)
+        if self.expiry.ends:
+            self.expiry.forget(conn)
+
+    def expires(self, conn: Peer, end: float | None) -> None:
+        """``conn``'s credentials end at ``end`` (unix seconds; None: never)."""
+        self.expiry.set(conn, end, self.tick)
+
+    def expired(self, conn: Peer) -> None:
+        self.admission.close(conn, "expired")
 
     def sweep(self) -> None:
         """One tick: refill the rate buckets, close or ping whoever is due."""
@@ -152,6 +135,8 @@ class Clock:
             if conn.transport is not None and conn.user is None:
                 why = f"no valid hello within {svc.hello_timeout:g} s"
                 admission.fail(conn, "unauthorized", why, "hello_timeout")
+        if self.expiry.ends or self.expiry.stale:
+            self.expiry.sweep(now)
         if self.scan_ticks and not now % self.scan_ticks:
             self.scan(now)
 

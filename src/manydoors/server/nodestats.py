@@ -25,7 +25,7 @@ from ..node.link import Link
 from ..protocol.ipc import Kind
 from ..protocol.messages import ERROR_CODES
 from .pools import Pool
-from .stats import CLOSED, LOST, REFUSED
+from .stats import CLOSED, HOOK_OUTCOMES, HOOKS, LOST, REFUSED
 
 SAMPLE_TIMEOUT: Final = 2.0  # seconds a worker has to answer for /api/connections
 
@@ -168,6 +168,8 @@ class NodeStats:
             "closed": {r: totals[f"closed_{r}"] for r in CLOSED},
             "lost": {r: totals[f"lost_{r}"] for r in LOST},
             "errors": {c: totals[f"error_{c}"] for c in ERROR_CODES},
+            # Proxy calls to the backend by hook and outcome (docs/hooks.md).
+            "hooks": {h: {o: totals[f"hook_{h}_{o}"] for o in HOOK_OUTCOMES} for h in HOOKS},
             # A dict or a msgspec Struct: either way, the same JSON object.
             "broker": msgspec.to_builtins(self.broker.stats()),
             "uptime_s": round(time.time() - self.started, 3),

@@ -2,8 +2,8 @@
 
 Each answer is ``None`` (allowed) or the reason of a ``forbidden`` error. The namespace
 comes from the shared resolver (cached per channel); the only per-connection state is
-the grant of a token-holding connection (the channels its JWT lists), kept here in a
-dict rather than in a slot of every connection.
+the grant of a token-holding connection (the channels its JWT, or the connect proxy's
+answer, lists), kept here in a dict rather than in a slot of every connection.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ class Rights:
     def __init__(self, namespaces: Namespaces, allow_send: bool, tokens: bool) -> None:
         self.namespaces = namespaces
         self.allow_send = allow_send
-        self.tokens = tokens  # auth mode "token": grants exist
-        # The channels each token-holding connection's JWT lists (only those).
+        self.tokens = tokens  # auth mode "token" or "proxy": grants exist
+        # The channels each connection's JWT (or connect proxy answer) lists (only those).
         self.grants: dict[Peer, frozenset[str]] = {}
 
     def _ungranted(self, conn: Peer, channel: str, what: str) -> str | None:
@@ -61,6 +61,9 @@ class Rights:
         if why is not None:
             return why
         ns = self.namespaces(channel)
+        if ns.subscribe == "proxy" and channel not in channels_of(conn):
+            # Only the backend knows who may join: those it let in may look.
+            return f"channel {channel} is in {_where(ns.name)} (subscribe = proxy): subscribe first"
         return None if ns.presence else f"presence is off in {_where(ns.name)}"
 
     def send(self) -> str | None:

@@ -6,6 +6,10 @@ may ask is decided here: authentication, rights on private channels, limits, and
 worker's interest frames to the broker (only the 0 -> 1 and 1 -> 0 transitions of
 the users and channels this worker holds).
 
+Ops that need the application's backend (auth mode "proxy", namespaces with
+``subscribe = "proxy"`` or ``publish_proxy``) ask it through ``Proxies`` and are
+answered when it answers; ``refresh`` renews credentials that end (``expiry.py``).
+
 An ``ok`` that depends on the broker (hello, sub) is held until the broker has applied
 the interest frames sent before it (a SYNC round trip), so a client that got ``ok``
 for a sub cannot miss a message published right after.
@@ -14,6 +18,7 @@ for a sub cannot miss a message published right after.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Final, Protocol
@@ -21,7 +26,7 @@ from typing import Final, Protocol
 import msgspec
 
 from ..broker.base import PresenceResult
-from ..config import AuthConfig, NamespaceConfig, ServiceConfig
+from ..config import AuthConfig, HooksConfig, NamespaceConfig, ServiceConfig
 from ..namespaces import Namespaces
 from ..protocol.ipc import RECOVER_HEAD, RECOVERED_HEAD, TOKEN, Kind
 from ..protocol.messages import (
@@ -36,6 +41,7 @@ from ..protocol.messages import (
     ProtocolError,
     Pub,
     Recovered,
+    Refresh,
     Send,
     Sub,
     Unsub,
@@ -51,6 +57,15 @@ from .admission import Admission
 from .clock import Clock
 from .hub import Hub, channels_of
 from .peer import Peer
+from .proxies import (
+    Answer,
+    ConnectCall,
+    ConnectReply,
+    Proxies,
+    PublishCall,
+    PublishReply,
+    SubscribeCall,
+)
 from .rights import Rights
 from .stats import Counters
 from .tokens import TokenError, Verifier
@@ -81,6 +96,8 @@ class Sessions:
         wire: Wire,
         namespaces: Namespaces | None = None,
         events: frozenset[str] = frozenset(),
+        hooks: HooksConfig | None = None,
+        slot: int = 0,
     ) -> None:
         self.hub = hub
         self.admission = admission
@@ -93,9 +110,15 @@ class Sessions:
         self.msgs_per_tick = clock.msgs_per_tick
         self.rate_reason = f"more than {service.max_messages_per_second:g} messages/s"
         self.verifier = Verifier(auth) if auth.mode == "token" else None
+        self.authed = auth.mode != "none"  # a hello must prove who the client is
+        self.proxy_auth = auth.mode == "proxy"
         self.namespaces = namespaces or Namespaces(NamespaceConfig())
-        self.rights = Rights(self.namespaces, service.allow_send, self.verifier is not None)
+        self.rights = Rights(self.namespaces, service.allow_send, self.authed)
         self.service = service.name
+        self.slot = slot
+        hooks = hooks or HooksConfig()
+        asks = hooks.connect_url or hooks.subscribe_url or hooks.publish_url
+        self.proxies = Proxies(hooks, counters) if asks else None
         self.events = events  # webhook events this worker reports (connect, disconnect)
         # Consecutive bad messages of the connections that sent one lately: rare, so
         # kept here rather than in a slot of every connection.
@@ -133,11 +156,7 @@ class Sessions:
             self.strikes.pop(conn, None)
         c = self.counters
         c.mv[c.i_in] += 1
-        if (
-            conn.user is None
-            and self.verifier is not None
-            and not isinstance(op, Hello | Ping | PongOp)
-        ):
+        if conn.user is None and self.authed and not isinstance(op, Hello | Ping | PongOp):
             c.error("unauthorized")
             conn.write(error_line("unauthorized", "say hello with a token first", op.id))
             return
@@ -156,6 +175,8 @@ class Sessions:
             self.unsubscribe(conn, op)
         elif isinstance(op, PresenceOp):
             self.presence(conn, op)
+        elif isinstance(op, Refresh):
+            self.refresh(conn, op)
         elif isinstance(op, Ping):
             conn.write(PONG if op.id is None else pong_line(op.id))
         # PongOp: handle() has already reset the heartbeat clock
@@ -192,6 +213,11 @@ class Sessions:
 
     def hello(self, conn: Peer, op: Hello) -> None:
         user = op.user
+        if self.proxy_auth:
+            self.ask_connect(conn, op)
+            return
+        channels: frozenset[str] | None = None
+        expires: float | None = None
         if self.verifier is not None:
             try:
                 if op.token is None:
@@ -202,17 +228,28 @@ class Sessions:
             except TokenError as exc:
                 self.admission.fail(conn, "unauthorized", str(exc), "unauthorized", op.id)
                 return
-            user = grant.user
-            if grant.channels:
-                self.rights.grants[conn] = grant.channels
-            else:
-                self.rights.grants.pop(conn, None)
+            user, channels, expires = grant.user, grant.channels, grant.expires
         elif user is None:
             self.counters.error("missing_field")
             conn.write(error_line("missing_field", "missing field 'user'", op.id))
             return
+        self.enter(conn, user, channels, expires, op.id)
+
+    def enter(
+        self,
+        conn: Peer,
+        user: str,
+        channels: frozenset[str] | None,
+        expires: float | None,
+        op_id: OpId,
+    ) -> None:
+        """``conn`` is ``user`` now (with the ``channels`` its credentials grant, until
+        ``expires``)."""
+        self.grant(conn, channels)
         if not self.admission.take_user(conn, user):
             return
+        if self.authed:
+            self.clock.expires(conn, expires)
         old = conn.user
         if old is not None and old != user:
             self._leave_all(conn)
@@ -224,18 +261,128 @@ class Sessions:
                 self._joined(conn, channel)
             if "connect" in self.events:
                 self._event("connect", conn, None)
-        self.ok_when_applied(conn, op.id)
+        self.ok_when_applied(conn, op_id)
+
+    def grant(self, conn: Peer, channels: frozenset[str] | None) -> None:
+        if channels is not None:
+            if channels:
+                self.rights.grants[conn] = channels
+            else:
+                self.rights.grants.pop(conn, None)
+
+    def ask_connect(self, conn: Peer, op: Hello | Refresh) -> None:
+        """Auth mode "proxy": the backend says who the client is (hello), or renews its
+        credentials (refresh: the same user, a new token)."""
+        if self.proxies is None or self.proxies.urls["connect"] is None:  # fail closed
+            why = "auth mode proxy without a connect_url"
+            self.admission.fail(conn, "unauthorized", why, "unauthorized", op.id)
+            return
+        renew = isinstance(op, Refresh)
+        data = msgspec.Raw(b"null") if isinstance(op, Refresh) else op.data
+        call = ConnectCall(op.token, data, self._address(conn), self.service, self.slot)
+        wanted = conn.user if isinstance(op, Refresh) else op.user
+
+        def answered(answer: Answer) -> None:
+            if conn.transport is None:  # closed while the backend was thinking
+                return
+            if answer.outcome == "unavailable":
+                self.unavailable(conn, answer, op.id)
+            elif answer.outcome == "refused":
+                self.admission.fail(conn, "unauthorized", answer.reason, "unauthorized", op.id)
+            else:
+                reply: ConnectReply = answer.reply
+                assert reply.user is not None  # judge() made sure
+                if wanted not in (None, reply.user) or (renew and conn.user != wanted):
+                    why = "user differs from the backend's"
+                    self.admission.fail(conn, "unauthorized", why, "unauthorized", op.id)
+                elif reply.expire_at is not None and reply.expire_at <= time.time():
+                    why = "credentials expired (expire_at)"
+                    self.admission.fail(conn, "unauthorized", why, "unauthorized", op.id)
+                elif renew:
+                    self.renewed(conn, frozenset(reply.channels), reply.expire_at, op.id)
+                else:
+                    channels = frozenset(reply.channels)
+                    self.enter(conn, reply.user, channels, reply.expire_at, op.id)
+
+        self.proxies.ask("connect", _encode_json(call), answered)
+
+    def refresh(self, conn: Peer, op: Refresh) -> None:
+        """New credentials for the same user before the old ones end."""
+        if not self.authed:
+            self.forbid(conn, "auth mode none: there are no credentials to refresh", op.id)
+        elif self.proxy_auth:
+            self.ask_connect(conn, op)
+        else:
+            assert self.verifier is not None
+            try:
+                grant = self.verifier.verify(op.token)
+                if grant.user != conn.user:
+                    raise TokenError("a refresh token must be for the same user (sub)")
+            except TokenError as exc:
+                self.admission.fail(conn, "unauthorized", str(exc), "unauthorized", op.id)
+                return
+            self.renewed(conn, grant.channels, grant.expires, op.id)
+
+    def renewed(
+        self, conn: Peer, channels: frozenset[str], expires: float | None, op_id: OpId
+    ) -> None:
+        """A refresh was accepted: new grants and end, the channels held are kept."""
+        self.grant(conn, channels)
+        self.clock.expires(conn, expires)
+        self.ok(conn, op_id)
+
+    def unavailable(self, conn: Peer, answer: Answer, op_id: OpId) -> None:
+        """The backend gave no usable answer: say so; the connection stays open."""
+        self.counters.error("unavailable")
+        conn.write(error_line("unavailable", answer.reason, op_id))
 
     def subscribe(self, conn: Peer, op: Sub) -> None:
         channel = op.channel
         if self.forbid(conn, self.rights.subscribe(conn, channel), op.id):
             return
+        if self._full(conn, channel, op.id):
+            return
+        if channel not in channels_of(conn) and self.namespaces(channel).subscribe == "proxy":
+            self.ask_subscribe(conn, op)
+            return
+        self.join(conn, op)
+
+    def _full(self, conn: Peer, channel: str, op_id: OpId) -> bool:
+        """``conn`` is in max_subscriptions channels already (answered so)."""
         held = channels_of(conn)
         if channel not in held and len(held) >= self.max_subscriptions:
             self.counters.error("too_many_subscriptions")
             reason = f"a connection may be in at most {self.max_subscriptions} channels"
-            conn.write(error_line("too_many_subscriptions", reason, op.id))
+            conn.write(error_line("too_many_subscriptions", reason, op_id))
+            return True
+        return False
+
+    def ask_subscribe(self, conn: Peer, op: Sub) -> None:
+        """A namespace with subscribe = "proxy": the backend says if ``conn`` may join."""
+        if self.proxies is None or self.proxies.urls["subscribe"] is None:
+            self.forbid(conn, "subscribe = proxy without a subscribe_url", op.id)  # fail closed
             return
+        user = conn.user
+
+        def answered(answer: Answer) -> None:
+            if conn.transport is None:
+                return
+            if answer.outcome == "unavailable":
+                self.unavailable(conn, answer, op.id)
+            elif answer.outcome == "refused":
+                self.forbid(conn, answer.reason, op.id)
+            elif conn.user != user:  # a new hello meanwhile: the answer was for another
+                self.forbid(conn, "the connection's user changed; subscribe again", op.id)
+            elif not self._full(conn, op.channel, op.id):
+                self.join(conn, op)
+
+        call = SubscribeCall(user, op.channel, self.service)
+        self.proxies.ask("subscribe", _encode_json(call), answered)
+
+    def join(self, conn: Peer, op: Sub) -> None:
+        """Put ``conn`` in the channel (the rights, and the backend if asked, allow it)."""
+        channel = op.channel
+        held = channels_of(conn)
         if op.since is not None and channel not in held:
             self.recover(conn, channel, op.since, op.id)
             return
@@ -263,9 +410,36 @@ class Sessions:
     def publish(self, conn: Peer, op: Pub) -> None:
         if self.forbid(conn, self.rights.publish(conn, op.channel), op.id):
             return
+        if self.namespaces(op.channel).publish_proxy:
+            self.ask_publish(conn, op)
+            return
         if self.link is not None:
             self.link.send(Kind.PUB, op.channel, _encode_json((conn.user, op.data)))
         self.ok(conn, op.id)
+
+    def ask_publish(self, conn: Peer, op: Pub) -> None:
+        """A namespace with publish_proxy: the backend may refuse the pub or replace data."""
+        if self.proxies is None or self.proxies.urls["publish"] is None:
+            self.forbid(conn, "publish_proxy without a publish_url", op.id)  # fail closed
+            return
+        user = conn.user
+
+        def answered(answer: Answer) -> None:
+            if conn.transport is None:
+                return
+            if answer.outcome == "unavailable":
+                self.unavailable(conn, answer, op.id)
+            elif answer.outcome == "refused":
+                self.forbid(conn, answer.reason, op.id)
+            else:
+                reply: PublishReply = answer.reply
+                data = reply.data if len(reply.data) else op.data
+                if self.link is not None:
+                    self.link.send(Kind.PUB, op.channel, _encode_json((user, data)))
+                self.ok(conn, op.id)
+
+        call = PublishCall(user, op.channel, op.data, self.service)
+        self.proxies.ask("publish", _encode_json(call), answered)
 
     def send(self, conn: Peer, op: Send) -> None:
         if self.forbid(conn, self.rights.send(), op.id):
@@ -308,15 +482,19 @@ class Sessions:
         for channel in channels_of(conn):
             self._left(conn, channel)
 
+    def _address(self, conn: Peer) -> str | None:
+        transport = conn.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else None
+
     def _event(self, name: str, conn: Peer, reason: str | None) -> None:
         """A connect or disconnect event for the webhooks (sent by the supervisor)."""
         if self.link is None:
             return
-        transport = conn.transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
         body: dict[str, object] = {"user": conn.user, "service": self.service}
-        if isinstance(peer, tuple):
-            body["address"] = f"{peer[0]}:{peer[1]}"
+        address = self._address(conn)
+        if address is not None:
+            body["address"] = address
         if reason is not None:
             body["reason"] = reason
         self.link.send(Kind.EVENT, name, _encode_json(body))

@@ -21,7 +21,13 @@ CLOSED: Final = (
     "read_timeout",
     "ping_timeout",
     "disconnected",  # by the HTTP API (POST /api/disconnect), whatever reason its bye gave
+    "expired",  # its credentials (a JWT's exp, the connect proxy's expire_at) ran out
 )
+# Calls to the application's backend (proxies), by hook and outcome: ok (allowed),
+# refused (the backend said no), unavailable (timeout, refused connection, 5xx, bad
+# answer, or too many calls waiting).
+HOOKS: Final = ("connect", "subscribe", "publish")
+HOOK_OUTCOMES: Final = ("ok", "refused", "unavailable")
 # Connections that ended in an error the server did not cause (connection_lost with an
 # exception): a peer's reset, a kernel timeout (keepalive), anything else.
 LOST: Final = ("reset", "timed_out", "error")
@@ -37,6 +43,7 @@ COUNTERS: Final = (
     *(f"closed_{r}" for r in CLOSED),
     *(f"lost_{r}" for r in LOST),
     *(f"error_{code}" for code in ERROR_CODES),
+    *(f"hook_{h}_{o}" for h in HOOKS for o in HOOK_OUTCOMES),
 )
 COL: Final = {name: i for i, name in enumerate(COUNTERS)}
 CONNECTIONS: Final = COL["connections"]
@@ -88,6 +95,7 @@ class Counters:
         "i_conn",
         "i_dropped",
         "i_error",
+        "i_hook",
         "i_in",
         "i_lost",
         "i_out",
@@ -113,10 +121,15 @@ class Counters:
         self.i_closed = {r: ix[f"closed_{r}"] for r in CLOSED}
         self.i_lost = {r: ix[f"lost_{r}"] for r in LOST}
         self.i_error = {code: ix[f"error_{code}"] for code in ERROR_CODES}
+        self.i_hook = {(h, o): ix[f"hook_{h}_{o}"] for h in HOOKS for o in HOOK_OUTCOMES}
 
     def error(self, code: str) -> None:
         """Count an error event sent to a client."""
         self.mv[self.i_error[code]] += 1
+
+    def hook(self, hook: str, outcome: str) -> None:
+        """Count one call to the backend's ``hook`` that ended in ``outcome``."""
+        self.mv[self.i_hook[hook, outcome]] += 1
 
     def connections(self) -> int:
         """Open connections of the whole service (every worker's row)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -127,6 +128,8 @@ class Supervisor:
             self.config.auth,
             namespaces=self.namespaces,
             events=self.worker_events,
+            # The proxies' URLs and limits; the webhook secret stays here.
+            hooks=dataclasses.replace(self.config.hooks, webhook_url=None, webhook_secret=None),
         )
         proc = self.ctx.Process(
             target=worker_main,

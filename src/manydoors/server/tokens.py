@@ -39,6 +39,7 @@ class KeyFileError(Exception):
 class Grant:
     user: str
     channels: frozenset[str]  # the channels the token grants ($ ones, subscribe = token)
+    expires: float | None = None  # the token's exp (unix seconds), if it has one
 
 
 class Verifier:
@@ -73,7 +74,8 @@ class Verifier:
         if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
             raise TokenError("invalid token: channels must be a list of strings")
         # Private ($) channels, and those of namespaces with subscribe = "token".
-        return Grant(user, frozenset(channels))
+        exp = claims.get("exp")  # PyJWT has checked it is a number in the future
+        return Grant(user, frozenset(channels), float(exp) if exp is not None else None)
 
 
 def load_public_key(path: str) -> RSAPublicKey | EllipticCurvePublicKey:

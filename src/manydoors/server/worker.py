@@ -29,7 +29,7 @@ from typing import Final
 import msgspec
 import uvloop
 
-from ..config import AuthConfig, NamespaceConfig, ServiceConfig
+from ..config import AuthConfig, HooksConfig, NamespaceConfig, ServiceConfig
 from ..namespaces import Namespaces
 from ..node.link import Link
 from ..node.procfs import open_fds
@@ -68,6 +68,7 @@ class WorkerSpec:
     auth: AuthConfig = field(default_factory=AuthConfig)
     events: frozenset[str] = frozenset()  # webhook events the workers report (connect, ...)
     namespaces: Namespaces = field(default_factory=lambda: Namespaces(NamespaceConfig()))
+    hooks: HooksConfig = field(default_factory=HooksConfig)  # the proxies' (no webhook secret)
 
 
 class Worker:
@@ -75,7 +76,7 @@ class Worker:
 
     def __init__(self, spec: WorkerSpec, stats: StatsTable) -> None:
         svc = spec.service
-        token_auth = spec.auth.mode == "token"
+        token_auth = spec.auth.mode != "none"  # token or proxy: a hello says who
         self.spec = spec
         self.hub: Hub[Peer] = Hub()
         self.counters = counters = Counters(stats, spec.slot)
@@ -96,6 +97,8 @@ class Worker:
             wire,
             spec.namespaces,
             spec.events,
+            spec.hooks,
+            spec.slot,
         )
         if "disconnect" in spec.events:
             self.admission.closing = {}
@@ -201,6 +204,8 @@ class Worker:
         sweeper.cancel()
         server.close()
         await self.drain()
+        if self.sessions.proxies is not None:
+            await self.sessions.proxies.close()
 
     async def sweeper(self) -> None:
         clock, admission = self.clock, self.admission
