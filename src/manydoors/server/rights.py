@@ -8,6 +8,7 @@ answer, lists), kept here in a dict rather than in a slot of every connection.
 
 from __future__ import annotations
 
+from ..config import NamespaceConfig
 from ..namespaces import Namespaces
 from ..protocol.messages import PRIVATE
 from .hub import channels_of
@@ -44,10 +45,12 @@ class Rights:
             return self._ungranted(conn, channel, f"is in {_where(ns.name)} (subscribe = token)")
         return None
 
-    def publish(self, conn: Peer, channel: str) -> str | None:
+    def publish(self, conn: Peer, channel: str, ns: NamespaceConfig | None = None) -> str | None:
+        """``ns``: the channel's namespace when the caller has it already (once a pub)."""
         if channel.startswith(PRIVATE):
             return self._ungranted(conn, channel, "is private")
-        ns = self.namespaces(channel)
+        if ns is None:
+            ns = self.namespaces(channel)
         if ns.publish == "all":
             return None
         if ns.publish == "subscribers":

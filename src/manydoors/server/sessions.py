@@ -331,6 +331,23 @@ class Sessions:
         self.clock.expires(conn, expires)
         self.ok(conn, op_id)
 
+    def _answered(
+        self, conn: Peer, op_id: OpId, allowed: Callable[[Answer], None]
+    ) -> Callable[[Answer], None]:
+        """The backend's answer to a sub or pub of ``conn``: ``allowed`` when it allows."""
+
+        def answered(answer: Answer) -> None:
+            if conn.transport is None:  # closed while the backend was thinking
+                return
+            if answer.outcome == "unavailable":
+                self.unavailable(conn, answer, op_id)
+            elif answer.outcome == "refused":
+                self.forbid(conn, answer.reason, op_id)
+            else:
+                allowed(answer)
+
+        return answered
+
     def unavailable(self, conn: Peer, answer: Answer, op_id: OpId) -> None:
         """The backend gave no usable answer: say so; the connection stays open."""
         self.counters.error("unavailable")
@@ -364,20 +381,14 @@ class Sessions:
             return
         user = conn.user
 
-        def answered(answer: Answer) -> None:
-            if conn.transport is None:
-                return
-            if answer.outcome == "unavailable":
-                self.unavailable(conn, answer, op.id)
-            elif answer.outcome == "refused":
-                self.forbid(conn, answer.reason, op.id)
-            elif conn.user != user:  # a new hello meanwhile: the answer was for another
+        def allowed(answer: Answer) -> None:
+            if conn.user != user:  # a new hello meanwhile: the answer was for another
                 self.forbid(conn, "the connection's user changed; subscribe again", op.id)
             elif not self._full(conn, op.channel, op.id):
                 self.join(conn, op)
 
         call = SubscribeCall(user, op.channel, self.service)
-        self.proxies.ask("subscribe", _encode_json(call), answered)
+        self.proxies.ask("subscribe", _encode_json(call), self._answered(conn, op.id, allowed))
 
     def join(self, conn: Peer, op: Sub) -> None:
         """Put ``conn`` in the channel (the rights, and the backend if asked, allow it)."""
@@ -408,9 +419,10 @@ class Sessions:
         self._left(conn, channel)
 
     def publish(self, conn: Peer, op: Pub) -> None:
-        if self.forbid(conn, self.rights.publish(conn, op.channel), op.id):
+        ns = self.namespaces(op.channel)  # resolved once for the rights and the proxy
+        if self.forbid(conn, self.rights.publish(conn, op.channel, ns), op.id):
             return
-        if self.namespaces(op.channel).publish_proxy:
+        if ns.publish_proxy:
             self.ask_publish(conn, op)
             return
         if self.link is not None:
@@ -424,22 +436,15 @@ class Sessions:
             return
         user = conn.user
 
-        def answered(answer: Answer) -> None:
-            if conn.transport is None:
-                return
-            if answer.outcome == "unavailable":
-                self.unavailable(conn, answer, op.id)
-            elif answer.outcome == "refused":
-                self.forbid(conn, answer.reason, op.id)
-            else:
-                reply: PublishReply = answer.reply
-                data = reply.data if len(reply.data) else op.data
-                if self.link is not None:
-                    self.link.send(Kind.PUB, op.channel, _encode_json((user, data)))
-                self.ok(conn, op.id)
+        def allowed(answer: Answer) -> None:
+            reply: PublishReply = answer.reply
+            data = reply.data if len(reply.data) else op.data  # the backend may replace it
+            if self.link is not None:
+                self.link.send(Kind.PUB, op.channel, _encode_json((user, data)))
+            self.ok(conn, op.id)
 
         call = PublishCall(user, op.channel, op.data, self.service)
-        self.proxies.ask("publish", _encode_json(call), answered)
+        self.proxies.ask("publish", _encode_json(call), self._answered(conn, op.id, allowed))
 
     def send(self, conn: Peer, op: Send) -> None:
         if self.forbid(conn, self.rights.send(), op.id):
