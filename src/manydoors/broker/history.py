@@ -26,29 +26,31 @@ class History:
         self.ttl = ttl
         # Per-namespace sizes and TTLs (namespaces.Namespaces.history); None: one for all.
         self.limits = limits
-        # channel -> (time of the last message, its recent messages oldest first)
-        self.channels: dict[str, tuple[float, deque[Entry]]] = {}
+        # channel -> (time of the last message, its recent messages oldest first, its
+        # TTL): the limits are looked up when a channel's history starts, not per message.
+        self.channels: dict[str, tuple[float, deque[Entry], float]] = {}
 
     def limits_of(self, channel: str) -> tuple[int, float]:
         """(size, ttl) of ``channel``'s history."""
         return (self.size, self.ttl) if self.limits is None else self.limits(channel)
 
     def add(self, channel: str, seq: int, line: bytes, now: float) -> None:
-        size, ttl = self.limits_of(channel)
-        if size <= 0:
-            return
         held = self.channels.get(channel)
-        # New, or expired (as Redis's list would have): start afresh.
-        live = held is not None and now - held[0] <= ttl
-        entries = held[1] if live and held is not None else deque(maxlen=size)
+        if held is not None and now - held[0] <= held[2]:
+            _, entries, ttl = held
+        else:  # new, or expired (as Redis's list would have): start afresh
+            size, ttl = self.limits_of(channel)
+            if size <= 0:
+                return
+            entries = deque(maxlen=size)
         entries.append((seq, line))
-        self.channels[channel] = (now, entries)
+        self.channels[channel] = (now, entries, ttl)
 
     def entries(self, channel: str, now: float) -> deque[Entry] | tuple[()]:
         held = self.channels.get(channel)
         if held is None:
             return ()
-        if now - held[0] > self.limits_of(channel)[1]:
+        if now - held[0] > held[2]:
             del self.channels[channel]
             return ()
         return held[1]
@@ -58,7 +60,7 @@ class History:
 
     def sweep(self, now: float) -> int:
         """Drop every expired channel; return how many were dropped."""
-        old = [ch for ch, (t, _) in self.channels.items() if now - t > self.limits_of(ch)[1]]
+        old = [ch for ch, (t, _, ttl) in self.channels.items() if now - t > ttl]
         for ch in old:
             del self.channels[ch]
         return len(old)
