@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import random
 import secrets
 import time
@@ -49,7 +48,6 @@ from .keys import (
     BROADCAST,
     HISTORY_SCRIPT,
     MEMBERS_SCRIPT,
-    PUBLISH_SCRIPT,
     SEQ_TTL,
     channel_topic,
     node_topic,
@@ -60,11 +58,11 @@ from .keys import (
     untag,
     user_topic,
 )
-from .pubsub import RawPipeline, RespConnection, Shard, bulks, pack
+from .outbox import Outbox, Outgoing
+from .pubsub import RespConnection, Shard
 
 BACKOFF: Final = (0.1, 5.0)  # first and longest wait between reconnection attempts
 CATCH_UP: Final = 2.0  # seconds a recovery waits for pub/sub to reach Redis's history
-BATCH: Final = 1000  # publishes per pipeline round trip
 
 _encode_json: Final = msgspec.json.Encoder().encode
 _decode_part: Final = msgspec.json.Decoder(PresenceResult).decode
@@ -85,7 +83,6 @@ class _Channel:
 
 # A publish waiting to be sent: kind ("c" channel, "u" user, "b" broadcast), channel or
 # user, event line with seq 0, and the API's future (None for a worker's publish).
-_Outgoing = tuple[str, str, bytes, "asyncio.Future[Published] | None"]
 
 
 class RedisBackplane(Backplane):
@@ -103,7 +100,6 @@ class RedisBackplane(Backplane):
         self.url = url
         # Of the channels forwarded here; ``limits``: per-namespace sizes and TTLs.
         self.history = History(history_size, history_ttl, limits)
-        self.tails: dict[tuple[int, float], bytes] = {}  # packed script tails by limits
         self.node = secrets.token_hex(6)
         self.node_topic = node_topic(self.node).encode()
         self.cluster = False
@@ -112,8 +108,7 @@ class RedisBackplane(Backplane):
         self.state: dict[str, _Channel] = {}
         self.degraded = True  # until connected and subscribed
         self.reconnecting: asyncio.Task[None] | None = None
-        self.outbox: deque[_Outgoing] = deque()
-        self.outbox_ready = asyncio.Event()
+        self.outbox = Outbox(self, url)  # publishes to Redis, in order, pipelined
         # Subscription marks: a SYNC is answered once every subscription asked before
         # it is in effect (confirmed, and for a channel its seq read).
         self.issued = 0
@@ -125,7 +120,6 @@ class RedisBackplane(Backplane):
         self.inits_ready = asyncio.Event()
         self.asks = Asks(self)  # presence and channel lists asked of the other nodes
         self.received = 0  # messages this node received from Redis
-        self.sent = 0  # publishes this node sent to Redis
         self.local_only = 0  # publishes delivered only locally while degraded
         self.reconnects = 0
         self.last_error = ""
@@ -151,10 +145,8 @@ class RedisBackplane(Backplane):
             await self.redis.initialize()
         else:
             self.redis = aioredis.Redis.from_url(self.url, **opts)
-        self.script = PUBLISH_SCRIPT % ("spublish" if self.cluster else "publish")
-        self.sha = hashlib.sha1(self.script.encode()).hexdigest()
-        self.pipeline = RawPipeline(self.url)
-        self.router.spawn(self._publisher())
+        self.outbox.start(self.cluster)
+        self.router.spawn(self.outbox.run())
         self.router.spawn(self._initializer())
         self.router.spawn(self._member_writer())
         try:
@@ -197,7 +189,7 @@ class RedisBackplane(Backplane):
             await self.redis.initialize()
         else:  # command connections from before an outage are dead
             await self.redis.connection_pool.disconnect()
-            await self.pipeline.reset()
+            await self.outbox.pipeline.reset()
         shards = self._make_shards()
         try:
             for shard in shards.values():
@@ -421,12 +413,10 @@ class RedisBackplane(Backplane):
     # --- publishing -------------------------------------------------------------------
 
     def worker_pub(self, channel: str, sender: str | None, data: Raw) -> None:
-        self.outbox.append(("c", channel, msg_line(channel, 0, sender, data), None))
-        self.outbox_ready.set()
+        self.outbox.put("c", channel, msg_line(channel, 0, sender, data))
 
     def worker_send(self, user: str, sender: str | None, data: Raw) -> None:
-        self.outbox.append(("u", user, dm_line(sender, data), None))
-        self.outbox_ready.set()
+        self.outbox.put("u", user, dm_line(sender, data))
 
     async def publish_channel(
         self, channel: str, sender: str | None, data: Raw, exclude: str | None = None
@@ -434,7 +424,7 @@ class RedisBackplane(Backplane):
         line = msg_line(channel, 0, sender, data)
         if exclude is not None:
             return await self._ask_excluding("c", channel, line, exclude)
-        return await self._ask("c", channel, line)
+        return await self.outbox.ask("c", channel, line)
 
     async def publish_user(
         self, user: str, sender: str | None, data: Raw, exclude: str | None = None
@@ -442,7 +432,7 @@ class RedisBackplane(Backplane):
         line = dm_line(sender, data)
         if exclude is not None:  # a user's topic carries it in the payload: x<conn> <line>
             line = b"x%s %s" % (exclude.encode(), line)
-        return await self._ask("u", user, line)
+        return await self.outbox.ask("u", user, line)
 
     async def broadcast(
         self, sender: str | None, data: Raw, exclude: str | None = None
@@ -450,7 +440,7 @@ class RedisBackplane(Backplane):
         line = broadcast_line(0, sender, data)
         if exclude is not None:
             return await self._ask_excluding("b", "", line, exclude)
-        return await self._ask("b", "", line)
+        return await self.outbox.ask("b", "", line)
 
     async def _ask_excluding(self, kind: str, key: str, line: bytes, exclude: str) -> Published:
         """A channel publish or a broadcast that leaves a connection out.
@@ -465,11 +455,11 @@ class RedisBackplane(Backplane):
             tag = b"x%s %s" % (exclude.encode(), b"m" if kind == "c" else b"b")
             args = (*publish_args(kind, key, line), size, int(ttl) or 1, SEQ_TTL, tag)
             try:
-                seq, nodes = await self.redis.eval(self.script, 2, *args)
+                seq, nodes = await self.redis.eval(self.outbox.script, 2, *args)
             except Exception as exc:
                 self.lost_command(exc)
             else:
-                self.sent += 1
+                self.outbox.sent += 1
                 return Published(seq=int(seq), nodes=int(nodes))
         self.local_only += 1  # Redis is away: this node's recipients still get it
         if kind == "b":
@@ -521,95 +511,12 @@ class RedisBackplane(Backplane):
     # --- the API's commands, on the nodes that hold the user ----------------------------
 
     async def disconnect(self, user: str, reason: str) -> Published:
-        return await self._ask("u", user, b"d" + reason.encode())
+        return await self.outbox.ask("u", user, b"d" + reason.encode())
 
     async def unsubscribe(self, user: str, channel: str) -> Published:
-        return await self._ask("u", user, b"u" + channel.encode())
+        return await self.outbox.ask("u", user, b"u" + channel.encode())
 
-    async def _ask(self, kind: str, key: str, line: bytes) -> Published:
-        fut: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
-        self.outbox.append((kind, key, line, fut))
-        self.outbox_ready.set()
-        return await fut
-
-    async def _publisher(self) -> None:
-        """Send queued publishes in order, pipelined: one round trip per batch."""
-        while True:
-            await self.outbox_ready.wait()
-            self.outbox_ready.clear()
-            batch = [self.outbox.popleft() for _ in range(min(len(self.outbox), BATCH))]
-            if self.outbox:
-                self.outbox_ready.set()
-            if self.degraded:
-                self._deliver_locally(batch)
-                continue
-            try:
-                results = await self._execute(batch)
-            except Exception as exc:
-                self.lost_command(exc)
-                self._deliver_locally(batch)
-                continue
-            self.sent += len(batch)
-            for (kind, _, _, fut), result in zip(batch, results, strict=True):
-                if fut is None or fut.done():
-                    continue
-                if isinstance(result, Exception):
-                    fut.set_exception(result)
-                elif kind == "u":
-                    fut.set_result(Published(nodes=int(result)))
-                else:
-                    fut.set_result(Published(seq=int(result[0]), nodes=int(result[1])))
-
-    def _fixed(self, kind: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        """What every publish of a kind repeats, before and after ``publish_args``."""
-        if kind == "u":
-            return ("SPUBLISH" if self.cluster else "PUBLISH",), ()
-        size = self.history.size if kind == "c" else 0
-        tail = (size, int(self.history.ttl) or 1, SEQ_TTL, b"m" if kind == "c" else b"b")
-        # A cluster pipeline refuses EVALSHA; Redis caches EVAL's script by its SHA1.
-        head = ("EVAL", self.script, 2) if self.cluster else ("EVALSHA", self.sha, 2)
-        return head, tail
-
-    async def _execute(self, batch: list[_Outgoing]) -> list[Any]:
-        fixed = {kind: self._fixed(kind) for kind in ("c", "u", "b")}
-        if self.cluster:
-            pipe = self.redis.pipeline(transaction=False)
-            for kind, key, line, _ in batch:
-                head, tail = fixed[kind]
-                if kind == "c" and self.history.limits is not None:
-                    size, ttl = self.history.limits_of(key)
-                    tail = (size, int(ttl) or 1, SEQ_TTL, b"m")
-                pipe.execute_command(*head, *publish_args(kind, key, line), *tail)
-            return list(await pipe.execute(raise_on_error=False))
-        # RESP by hand: the fixed parts are packed once per batch, not per message.
-        resp = {k: (len(h) + len(t), bulks(h), bulks(t)) for k, (h, t) in fixed.items()}
-        packed = []
-        for kind, key, line, _ in batch:
-            count, before, after = resp[kind]
-            if kind == "c" and self.history.limits is not None:
-                after = self._tail(key)  # the channel's namespace's history size and TTL
-            args = publish_args(kind, key, line)
-            packed.append(b"*%d\r\n" % (count + len(args)) + before + bulks(args) + after)
-        results = await self.pipeline.execute(packed)
-        again = [i for i, r in enumerate(results) if _no_script(r)]
-        if again:
-            # Redis restarted and forgot the script: load it, send again what failed.
-            await self.pipeline.execute([pack("SCRIPT", "LOAD", self.script)])
-            retried = await self.pipeline.execute([packed[i] for i in again])
-            for i, result in zip(again, retried, strict=True):
-                results[i] = result
-        return results
-
-    def _tail(self, channel: str) -> bytes:
-        """The packed size, TTL, seq TTL and tag of a channel publish, by its limits."""
-        limits = self.history.limits_of(channel)
-        tail = self.tails.get(limits)
-        if tail is None:
-            size, ttl = limits
-            tail = self.tails[limits] = bulks((size, int(ttl) or 1, SEQ_TTL, b"m"))
-        return tail
-
-    def _deliver_locally(self, batch: list[_Outgoing]) -> None:
+    def deliver_locally(self, batch: list[Outgoing]) -> None:
         """While Redis is away: this node's subscribers still get what is published here."""
         for kind, key, line, fut in batch:
             self.local_only += 1
@@ -736,12 +643,8 @@ class RedisBackplane(Backplane):
             redis=safe_url(self.url),
             cluster=self.cluster,
             received_from_redis=self.received,
-            sent_to_redis=self.sent,
+            sent_to_redis=self.outbox.sent,
             delivered_locally_while_degraded=self.local_only,
             reconnects=self.reconnects,
             last_error=self.last_error,
         )
-
-
-def _no_script(reply: Any) -> bool:
-    return isinstance(reply, Exception) and str(reply).startswith("NOSCRIPT")
