@@ -9,13 +9,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import config as cfg
-from . import top
+from . import options, top
 
 
 def _serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the connection server")
     p.add_argument("--config", metavar="FILE", help="TOML config file")
-    for opt in (*cfg.SERVICE_OPTIONS, *cfg.GLOBAL_OPTIONS):
+    for opt in (*options.SERVICE_OPTIONS, *options.GLOBAL_OPTIONS):
         switch = {"nargs": "?", "const": "true"} if opt.switch else {}
         p.add_argument(
             opt.flag,
@@ -43,9 +43,11 @@ def serve(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"manydoors: cannot read config {args.config}: {exc.strerror}", file=sys.stderr)
             return 2
-    flags = {o.key: getattr(args, o.key) for o in (*cfg.SERVICE_OPTIONS, *cfg.GLOBAL_OPTIONS)}
+    flags = {
+        o.key: getattr(args, o.key) for o in (*options.SERVICE_OPTIONS, *options.GLOBAL_OPTIONS)
+    }
     try:
-        config = cfg.load(toml_text, os.environ, flags)
+        config = options.load(toml_text, os.environ, flags)
     except cfg.ConfigError as exc:
         print(f"manydoors: config error: {exc}", file=sys.stderr)
         return 2

@@ -7,14 +7,12 @@ import dataclasses
 import pytest
 
 from manydoors.config import (
-    GLOBAL_OPTIONS,
-    SERVICE_OPTIONS,
     ApiConfig,
     Config,
     ConfigError,
     ServiceConfig,
-    load,
 )
+from manydoors.options import GLOBAL_OPTIONS, SERVICE_OPTIONS, load
 
 TWO_SERVICES = """
 drain_timeout = 3.5

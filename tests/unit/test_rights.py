@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from manydoors.config import Config, ConfigError, NamespaceConfig, load
+from manydoors.config import Config, ConfigError, NamespaceConfig
 from manydoors.namespaces import Namespaces
+from manydoors.options import load
 from manydoors.protocol.ipc import Kind
 from support.fakes import OPEN, connect, counter, make_worker
 
