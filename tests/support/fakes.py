@@ -121,7 +121,7 @@ def make_worker(
     buffer = (ctypes.c_ubyte * (StatsTable.size(rows) * 8))()
     worker = Worker(spec, StatsTable(memoryview(buffer), rows))
     link = FakeLink()
-    worker.sessions.link = link
+    worker.sessions.link = worker.sessions.members.link = link
     return worker, link
 
 

@@ -20,8 +20,9 @@ from ..protocol.messages import unsubscribed_line
 from ..protocol.wire import Wire
 from .admission import Admission
 from .hub import Hub, channels_of
+from .membership import Uplink
 from .peer import Peer
-from .sessions import Sessions, Uplink
+from .sessions import Sessions
 
 _decode_names: Final = msgspec.json.Decoder(list[str]).decode
 _encode_json: Final = msgspec.json.Encoder().encode

@@ -21,7 +21,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Final
 
 import msgspec
 
@@ -56,6 +56,7 @@ from ..protocol.wire import Wire
 from .admission import Admission
 from .clock import Clock
 from .hub import Hub, channels_of
+from .membership import Membership, Uplink, address
 from .peer import Peer
 from .proxies import (
     Answer,
@@ -72,14 +73,6 @@ from .tokens import TokenError, Verifier
 
 _encode_json: Final = msgspec.json.Encoder().encode
 _decode_presence: Final = msgspec.json.Decoder(PresenceResult).decode
-
-
-class Uplink(Protocol):
-    """What sessions need of the link to the broker (node.link.Link, or a test's fake)."""
-
-    def send(self, kind: Kind, key: str = "", payload: bytes = b"") -> None: ...
-
-    def at_flush(self, hook: Callable[[], None]) -> None: ...
 
 
 class Sessions:
@@ -119,7 +112,7 @@ class Sessions:
         hooks = hooks or HooksConfig()
         asks = hooks.connect_url or hooks.subscribe_url or hooks.publish_url
         self.proxies = Proxies(hooks, counters) if asks else None
-        self.events = events  # webhook events this worker reports (connect, disconnect)
+        self.members = Membership(hub, self.namespaces, service.name, events)
         # Consecutive bad messages of the connections that sent one lately: rare, so
         # kept here rather than in a slot of every connection.
         self.strikes: dict[Peer, int] = {}
@@ -193,9 +186,8 @@ class Sessions:
         """A connection has ended (``why``): forget it everywhere; tell the broker."""
         if conn.user is not None:
             if conn.channels:
-                self._leave_all(conn)
-            if "disconnect" in self.events:
-                self._event("disconnect", conn, why)
+                self.members.leave_all(conn)
+            self.members.event("disconnect", conn, why)
         lost, gone = self.hub.remove(conn)
         self.admission.leave(conn)
         self.clock.forget(conn)
@@ -252,15 +244,14 @@ class Sessions:
             self.clock.expires(conn, expires)
         old = conn.user
         if old is not None and old != user:
-            self._leave_all(conn)
+            self.members.leave_all(conn)
         new, lost = self.hub.set_user(conn, user)
         self._interest(Kind.USER_OFF, lost)
         self._interest(Kind.USER_ON, user if new else None)
         if old != user:
             for channel in channels_of(conn):
-                self._joined(conn, channel)
-            if "connect" in self.events:
-                self._event("connect", conn, None)
+                self.members.joined(conn, channel)
+            self.members.event("connect", conn)
         self.ok_when_applied(conn, op_id)
 
     def grant(self, conn: Peer, channels: frozenset[str] | None) -> None:
@@ -279,7 +270,7 @@ class Sessions:
             return
         renew = isinstance(op, Refresh)
         data = msgspec.Raw(b"null") if isinstance(op, Refresh) else op.data
-        call = ConnectCall(op.token, data, self._address(conn), self.service, self.slot)
+        call = ConnectCall(op.token, data, address(conn), self.service, self.slot)
         wanted = conn.user if isinstance(op, Refresh) else op.user
 
         def answered(answer: Answer) -> None:
@@ -400,7 +391,7 @@ class Sessions:
         if channel not in held:
             if self.hub.subscribe(conn, channel) and channel not in self.pending:
                 self._interest(Kind.SUB, channel)
-            self._joined(conn, channel)
+            self.members.joined(conn, channel)
         self.ok_when_applied(conn, op.id)
 
     def unsubscribe(self, conn: Peer, op: Unsub) -> None:
@@ -416,7 +407,7 @@ class Sessions:
             return
         if self.hub.unsubscribe(conn, channel) and channel not in self.pending:
             self._interest(Kind.UNSUB, channel)
-        self._left(conn, channel)
+        self.members.left(conn, channel)
 
     def publish(self, conn: Peer, op: Pub) -> None:
         ns = self.namespaces(op.channel)  # resolved once for the rights and the proxy
@@ -460,49 +451,6 @@ class Sessions:
         self.counters.error("forbidden")
         conn.write(error_line("forbidden", why, op_id))
         return True
-
-    # --- joins and leaves (namespaces with join_leave), connect events -----------------
-
-    def _alone(self, conn: Peer, user: str, channel: str) -> bool:
-        """No other connection of ``user`` on this worker is in ``channel``."""
-        return not any(c is not conn and channel in channels_of(c) for c in self.hub.of_user(user))
-
-    def _joined(self, conn: Peer, channel: str) -> None:
-        """``conn`` is now in ``channel``: tell the broker if its user is new there."""
-        user = conn.user
-        if user is None or self.link is None or not self.namespaces(channel).join_leave:
-            return
-        if self._alone(conn, user, channel):
-            self.link.send(Kind.JOIN, channel, user.encode())
-
-    def _left(self, conn: Peer, channel: str) -> None:
-        """``conn`` has left ``channel``: tell the broker if it was its user's last one."""
-        user = conn.user
-        if user is None or self.link is None or not self.namespaces(channel).join_leave:
-            return
-        if self._alone(conn, user, channel):
-            self.link.send(Kind.LEAVE, channel, user.encode())
-
-    def _leave_all(self, conn: Peer) -> None:
-        for channel in channels_of(conn):
-            self._left(conn, channel)
-
-    def _address(self, conn: Peer) -> str | None:
-        transport = conn.transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
-        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else None
-
-    def _event(self, name: str, conn: Peer, reason: str | None) -> None:
-        """A connect or disconnect event for the webhooks (sent by the supervisor)."""
-        if self.link is None:
-            return
-        body: dict[str, object] = {"user": conn.user, "service": self.service}
-        address = self._address(conn)
-        if address is not None:
-            body["address"] = address
-        if reason is not None:
-            body["reason"] = reason
-        self.link.send(Kind.EVENT, name, _encode_json(body))
 
     # --- acks after the broker ---------------------------------------------------------
 
@@ -590,7 +538,7 @@ class Sessions:
             self.ok(conn, op_id)  # subscribed meanwhile: it has been receiving live
             return
         self.hub.subscribe(conn, channel)  # the broker knows our interest already
-        self._joined(conn, channel)
+        self.members.joined(conn, channel)
         # Split on newlines only: a relayed ``data`` may hold a raw \r (JSON whitespace).
         lines = [line + b"\n" for line in payload[RECOVERED_HEAD.size :].split(b"\n")[:-1]]
         frame = self.frame

@@ -181,7 +181,7 @@ class Worker:
     async def run(self, listen_sock: socket.socket, link_sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         self.link = link = Link(self.on_frame, "broker")
-        self.sessions.link = link
+        self.sessions.link = self.sessions.members.link = link
         await loop.create_unix_connection(lambda: link, sock=link_sock)
         # Whatever happens, keep HEADROOM fds free so that a refusal can still be
         # accepted and answered; libuv's reserve-fd trick (accept and close) is only
