@@ -14,7 +14,8 @@ from msgspec import Raw
 
 from manydoors.broker import router as router_module
 from manydoors.broker.base import ChannelList, HistoryPage, Published
-from manydoors.broker.redis import RedisBackplane, _Channel
+from manydoors.broker.catchup import ChannelState
+from manydoors.broker.redis import RedisBackplane
 from manydoors.broker.router import Answers, Router
 from manydoors.protocol.ipc import EXCLUDE, TOKEN, Kind, exclude_head
 from unit.test_router import FakeLink, node, run, tell
@@ -255,7 +256,7 @@ def test_redis_payloads_on_a_users_topic_are_dms_exclusions_and_commands() -> No
 def test_redis_channel_and_broadcast_exclusions_keep_the_plain_line_in_history() -> None:
     backplane, router, (a,) = redis_node("a")
     router.channels["veg"] = {a}
-    backplane.state["veg"] = _Channel(last=4, ready=True)
+    backplane.state["veg"] = ChannelState(last=4, ready=True)
     line = b'{"ev":"msg","channel":"veg","seq":5,"from":null,"data":1}\n'
     backplane._on_message(b"md:c{veg}", b"x" + CONN.encode() + b" m5 " + line)
     backplane.state["veg"].ready = False  # subscribing again: buffered, then forwarded

@@ -24,12 +24,10 @@ outage loses and what history recovers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import secrets
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgspec
@@ -43,10 +41,10 @@ from ..protocol.messages import broadcast_line, dm_line, join_line, msg_line
 from .asks import Asks
 from .backplane import Backplane, answer_recover
 from .base import BrokerStats, ChannelList, HistoryPage, PresenceResult, Published, RedisStats
-from .history import History, Limits, missed
+from .catchup import Catchup, ChannelState
+from .history import History, Limits
 from .keys import (
     BROADCAST,
-    HISTORY_SCRIPT,
     MEMBERS_SCRIPT,
     SEQ_TTL,
     channel_topic,
@@ -62,23 +60,10 @@ from .outbox import Outbox, Outgoing
 from .pubsub import RespConnection, Shard
 
 BACKOFF: Final = (0.1, 5.0)  # first and longest wait between reconnection attempts
-CATCH_UP: Final = 2.0  # seconds a recovery waits for pub/sub to reach Redis's history
 
 _encode_json: Final = msgspec.json.Encoder().encode
 _decode_part: Final = msgspec.json.Decoder(PresenceResult).decode
 _decode_channels: Final = msgspec.json.Decoder(ChannelList).decode
-
-
-@dataclass(slots=True)
-class _Channel:
-    """What the node knows of a channel it subscribes to."""
-
-    last: int = 0  # the highest seq delivered to workers
-    ready: bool = False  # subscribed and ``last`` read from Redis
-    # Arrived before ready: (seq, line, the connection id to leave out or None).
-    buffer: list[tuple[int, bytes, str | None]] = field(default_factory=list)
-    recoveries: list[tuple[Link, int, int]] = field(default_factory=list)  # before ready
-    waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
 
 
 # A publish waiting to be sent: kind ("c" channel, "u" user, "b" broadcast), channel or
@@ -105,7 +90,7 @@ class RedisBackplane(Backplane):
         self.cluster = False
         self.redis: Any = None  # redis.asyncio.Redis or RedisCluster
         self.shards: dict[str, Shard] = {}
-        self.state: dict[str, _Channel] = {}
+        self.state: dict[str, ChannelState] = {}
         self.degraded = True  # until connected and subscribed
         self.reconnecting: asyncio.Task[None] | None = None
         self.outbox = Outbox(self, url)  # publishes to Redis, in order, pipelined
@@ -118,6 +103,7 @@ class RedisBackplane(Backplane):
         self.syncs: dict[Link, deque[int]] = {}
         self.inits: list[tuple[str, int]] = []  # channels whose seq is to be read
         self.inits_ready = asyncio.Event()
+        self.catchup = Catchup(self)  # recoveries and history reads through Redis
         self.asks = Asks(self)  # presence and channel lists asked of the other nodes
         self.received = 0  # messages this node received from Redis
         self.local_only = 0  # publishes delivered only locally while degraded
@@ -294,7 +280,7 @@ class RedisBackplane(Backplane):
         self.syncs.pop(link, None)
 
     def channel_added(self, channel: str) -> None:
-        self.state[channel] = _Channel(ready=not self.shards)
+        self.state[channel] = ChannelState(ready=not self.shards)
         self._subscribe(channel_topic(channel).encode())
 
     def channel_removed(self, channel: str) -> None:
@@ -336,7 +322,7 @@ class RedisBackplane(Backplane):
                     st.recoveries.clear()
                 self._complete(mark)
 
-    def _flush_channel(self, channel: str, st: _Channel) -> None:
+    def _flush_channel(self, channel: str, st: ChannelState) -> None:
         buffered, st.buffer = st.buffer, []
         for seq, line, exclude in buffered:
             self._forward(channel, st, seq, line, exclude)
@@ -394,7 +380,7 @@ class RedisBackplane(Backplane):
             self.asks.answered(payload)
 
     def _forward(
-        self, channel: str, st: _Channel, seq: int, line: bytes, exclude: str | None = None
+        self, channel: str, st: ChannelState, seq: int, line: bytes, exclude: str | None = None
     ) -> None:
         if seq <= st.last:
             return  # published before this node's subscription took effect
@@ -570,44 +556,7 @@ class RedisBackplane(Backplane):
     # --- history and presence ---------------------------------------------------------
 
     def recover(self, link: Link, channel: str, req: int, since: int) -> None:
-        st = self.state.get(channel)
-        if st is None:
-            answer_recover(link, channel, req, 0, None)
-            return
-        if not st.ready:
-            st.recoveries.append((link, req, since))
-            return
-        lines = missed(since, st.last, self.history.entries(channel, time.monotonic()))
-        if lines is not None or self.degraded:
-            answer_recover(link, channel, req, st.last, lines)
-            return
-        self.router.spawn(self._recover_from_redis(link, channel, req, since, st))
-
-    async def _recover_from_redis(
-        self, link: Link, channel: str, req: int, since: int, st: _Channel
-    ) -> None:
-        t = tag(channel)
-        try:
-            value, lines = await self.redis.eval(HISTORY_SCRIPT, 2, f"md:c{t}:s", f"md:c{t}:h")
-            cur = int(value)
-        except Exception as exc:
-            self.lost_command(exc)
-            answer_recover(link, channel, req, st.last, None)
-            return
-        if st.last < cur:
-            # What Redis already holds is still on its way to us by pub/sub: wait for
-            # it, so the client joins exactly where live delivery goes on.
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            st.waiters.append((cur, fut))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(fut, CATCH_UP)
-        if self.state.get(channel) is not st:
-            answer_recover(link, channel, req, st.last, None)
-            return
-        first = cur - len(lines) + 1
-        stored = [(first + i, line) for i, line in enumerate(lines)]
-        local = self.history.entries(channel, time.monotonic())
-        answer_recover(link, channel, req, st.last, missed(since, st.last, stored, local))
+        self.catchup.recover(link, channel, req, since)
 
     async def presence(self, channel: str) -> PresenceResult:
         return await self.asks.presence(channel)
@@ -616,25 +565,7 @@ class RedisBackplane(Backplane):
         return await self.asks.channels(prefix, limit)
 
     async def read_history(self, channel: str, since: int | None, limit: int) -> HistoryPage:
-        """The channel's seq and list in Redis, read atomically (while Redis is away:
-        what this node forwarded, ``partial``)."""
-        if not self.degraded:
-            t = tag(channel)
-            try:
-                value, lines = await self.redis.eval(HISTORY_SCRIPT, 2, f"md:c{t}:s", f"md:c{t}:h")
-            except Exception as exc:
-                self.lost_command(exc)
-            else:
-                seq = int(value)
-                first = seq - len(lines) + 1  # the script pushes each seq's line as it counts
-                entries = [(first + i, line) for i, line in enumerate(lines)]
-                return HistoryPage.of(channel, seq, entries, since, limit)
-        held = self.history.entries(channel, time.monotonic())
-        st = self.state.get(channel)
-        seq = st.last if st is not None else held[-1][0] if held else 0
-        page = HistoryPage.of(channel, seq, held, since, limit)
-        page.partial = True
-        return page
+        return await self.catchup.read(channel, since, limit)
 
     def stats(self, own: BrokerStats) -> RedisStats:
         return RedisStats(
