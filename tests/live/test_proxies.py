@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from support.backend import HttpBackend
 from support.client import Client
 from support.server import Server, small
 from support.wait import wait_for
@@ -23,46 +23,18 @@ from support.wait import wait_for
 Answer = tuple[int, Any, float]
 
 
-class Backend:
+class Backend(HttpBackend):
     """POST /connect, /subscribe, /publish of the application's backend."""
 
+    path = "/{hook}"
+
     def __init__(self) -> None:
+        super().__init__()
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.respond: Callable[[str, dict[str, Any]], Answer] = lambda hook, body: (200, {}, 0.0)
-        self.port = 0
-        self.runner: web.AppRunner | None = None
-        self.lock = threading.Lock()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
 
     def url(self, hook: str) -> str:
         return f"http://127.0.0.1:{self.port}/{hook}"
-
-    def _do(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    def up(self) -> None:
-        self._do(self._up())
-
-    async def _up(self) -> None:
-        app = web.Application()
-        app.router.add_post("/{hook}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-        self.port = self.runner.addresses[0][1]
-
-    def down(self) -> None:
-        if self.runner is not None:
-            self._do(self.runner.cleanup())
-            self.runner = None
-
-    def close(self) -> None:
-        self.down()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
     async def handle(self, request: web.Request) -> web.Response:
         hook = request.match_info["hook"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from standardwebhooks import Webhook
 
 from manydoors.config import HooksConfig
 from manydoors.server.webhooks import RetryPolicy, Webhooks
+from support.backend import HttpBackend
 from support.client import Client
 from support.server import Server, small
 from support.wait import poll, wait_for
@@ -42,50 +42,21 @@ class Call:
         return dict(Webhook(SECRET).verify(self.body, self.headers))
 
 
-class Backend:
+class Backend(HttpBackend):
     """The application's webhook endpoint, ``POST /events``; goes down and comes back
     on the same port. ``status`` and ``delay`` say how it answers."""
 
+    path = "/events"
+
     def __init__(self) -> None:
+        super().__init__()
         self.calls: list[Call] = []
         self.status = 200
         self.delay = 0.0
-        self.port = 0
-        self.runner: web.AppRunner | None = None
-        self.lock = threading.Lock()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/events"
-
-    def _do(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    def up(self) -> None:
-        self._do(self._up())
-
-    async def _up(self) -> None:
-        app = web.Application()
-        app.router.add_post("/events", self.handle)
-        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-        self.port = self.runner.addresses[0][1]
-
-    def down(self) -> None:
-        """Close the port (the next calls are refused) and every connection."""
-        if self.runner is not None:
-            self._do(self.runner.cleanup())
-            self.runner = None
-
-    def close(self) -> None:
-        self.down()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
     async def handle(self, request: web.Request) -> web.Response:
         call = Call(dict(request.headers), await request.read())
