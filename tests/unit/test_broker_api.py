@@ -309,3 +309,16 @@ def test_a_redis_node_answers_a_channel_question_on_the_askers_topic() -> None:
 
 def test_exclude_heads_come_from_the_welcomes_id_form() -> None:
     assert exclude_head(CONN) == HEAD
+
+
+def test_publishes_redis_took_whose_push_never_came_are_delivered_when_it_goes_away() -> None:
+    backplane, router, (a,) = redis_node("a")
+    router.channels["veg"] = {a}
+    backplane.state["veg"] = ChannelState(last=52, ready=True)
+    zero = b'{"ev":"msg","channel":"veg","seq":0,"from":null,"data":%d}\n'
+    # Redis answered seqs 52 and 53; the push of 52 came back, 53's died with Redis.
+    backplane.outbox.recent.extend([("veg", 52, zero % 52), ("veg", 53, zero % 53)])
+    backplane.deliver_unseen()
+    line = b'{"ev":"msg","channel":"veg","seq":53,"from":null,"data":53}\n'
+    assert kinds(a) == [(Kind.DELIVER_CHANNEL, "veg", line)]
+    assert backplane.state["veg"].last == 53 and not backplane.outbox.recent

@@ -37,6 +37,8 @@ class Plane(Protocol):
 
     def deliver_locally(self, batch: list[Outgoing]) -> None: ...
 
+    def deliver_unseen(self) -> None: ...
+
 
 class Outbox:
     """Publishes to Redis, in the order they were asked."""
@@ -48,6 +50,10 @@ class Outbox:
         self.pipeline = RawPipeline(url)
         self.tails: dict[tuple[int, float], bytes] = {}  # packed script tails by limits
         self.sent = 0  # publishes this node sent to Redis
+        # The last channel publishes Redis took (channel, seq, line with seq 0): if Redis
+        # dies after answering and before its push reaches this node, the backplane
+        # delivers them here (deliver_unseen) rather than lose them for this node.
+        self.recent: deque[tuple[str, int, bytes]] = deque(maxlen=2 * BATCH)
         self.script = PUBLISH_SCRIPT % "publish"
         self.sha = hashlib.sha1(self.script.encode()).hexdigest()
 
@@ -87,7 +93,9 @@ class Outbox:
                 plane.deliver_locally(batch)
                 continue
             self.sent += len(batch)
-            for (kind, _, _, fut), result in zip(batch, results, strict=True):
+            for (kind, key, line, fut), result in zip(batch, results, strict=True):
+                if kind == "c" and not isinstance(result, Exception):
+                    self.recent.append((key, int(result[0]), line))
                 if fut is None or fut.done():
                     continue
                 if isinstance(result, Exception):
@@ -96,6 +104,8 @@ class Outbox:
                     fut.set_result(Published(nodes=int(result)))
                 else:
                     fut.set_result(Published(seq=int(result[0]), nodes=int(result[1])))
+            if plane.degraded:  # Redis went away while this batch's answers came back
+                plane.deliver_unseen()
 
     def _fixed(self, kind: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         """What every publish of a kind repeats, before and after ``publish_args``."""

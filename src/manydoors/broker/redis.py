@@ -217,6 +217,7 @@ class RedisBackplane(Backplane):
         for channel, st in self.state.items():
             st.ready = True
             self._flush_channel(channel, st)
+        self.deliver_unseen()
         if self.reconnecting is None or self.reconnecting.done():
             self.reconnecting = self.router.spawn(self._reconnect())
 
@@ -321,6 +322,17 @@ class RedisBackplane(Backplane):
                         self.recover(link, channel, req, since)
                     st.recoveries.clear()
                 self._complete(mark)
+
+    def deliver_unseen(self) -> None:
+        """Redis went away: this node's channel publishes that it took but whose push
+        never came back are delivered here, in seq order, instead of lost here."""
+        recent = list(self.outbox.recent)
+        self.outbox.recent.clear()
+        for channel, seq, line in recent:
+            st = self.state.get(channel)
+            if st is not None and seq > st.last:
+                prefix, suffix = split_at_seq(line)
+                self._forward(channel, st, seq, b"%s%d%s" % (prefix, seq, suffix))
 
     def _flush_channel(self, channel: str, st: ChannelState) -> None:
         buffered, st.buffer = st.buffer, []
