@@ -14,7 +14,7 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message says which key and why."""
 
 
-PROTOCOLS: Final = ("tcp", "websocket")
+PROTOCOLS: Final = ("tcp", "websocket", "pusher")
 SLOW_POLICIES: Final = ("disconnect", "drop")
 BROKERS: Final = ("local", "redis")
 REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
@@ -225,6 +225,64 @@ class HooksConfig:
             raise ConfigError("hooks: concurrency and queue_size must be at least 1")
 
 
+PUSHER_WEBHOOK_EVENTS: Final = (
+    "channel_occupied",
+    "channel_vacated",
+    "member_added",
+    "member_removed",
+    "client_event",
+    "cache_miss",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    """A Pusher app (``[[app]]``): what a ``protocol = "pusher"`` service serves.
+
+    Its channels are its own: two apps (and the native protocol) never share one.
+    """
+
+    id: str = ""
+    key: str = ""
+    secret: str = ""  # or MANYDOORS_APP_<ID>_SECRET
+    max_connections: int = 0  # per node; 0: only the service's max_connections
+    enable_client_events: bool = False  # client-* events on private and presence channels
+    max_client_events_per_second: int = 10  # per connection, as Pusher
+    max_presence_members: int = 100  # members of one presence channel
+    max_event_bytes: int = 10 * 1024  # the ``data`` of one event (Pusher: 10 KB)
+    webhook_url: str | None = None
+    webhook_events: tuple[str, ...] = PUSHER_WEBHOOK_EVENTS
+
+    def __post_init__(self) -> None:
+        where = f"app {self.id}" if self.id else "[[app]]"
+        _check_types(self, where)
+        for key in ("id", "key"):
+            value = getattr(self, key)
+            if not value or not value.isprintable() or any(c in value for c in "/?:# "):
+                raise ConfigError(f"{where}: {key} must be printable, without / ? : # or spaces")
+        if not self.secret:
+            raise ConfigError(
+                f"{where}: needs a secret (or MANYDOORS_APP_{self.id.upper()}_SECRET)"
+            )
+        for key in (
+            "max_connections",
+            "max_client_events_per_second",
+            "max_presence_members",
+            "max_event_bytes",
+        ):
+            if getattr(self, key) < (0 if key == "max_connections" else 1):
+                raise ConfigError(f"{where}: {key} is too small")
+        if self.webhook_url is not None and not self.webhook_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ConfigError(f"{where}: webhook_url must be an http:// or https:// URL")
+        bad = set(self.webhook_events) - set(PUSHER_WEBHOOK_EVENTS)
+        if bad:
+            raise ConfigError(
+                f"{where}: unknown webhook_events {sorted(bad)} (known: {PUSHER_WEBHOOK_EVENTS})"
+            )
+
+
 AUTH_MODES: Final = ("none", "token", "proxy")
 
 
@@ -271,9 +329,16 @@ class Config:
     channels: NamespaceConfig = field(default_factory=NamespaceConfig)  # the default namespace
     namespaces: tuple[NamespaceConfig, ...] = ()
     hooks: HooksConfig = field(default_factory=HooksConfig)
+    apps: tuple[AppConfig, ...] = ()  # Pusher apps, for services with protocol "pusher"
 
     def __post_init__(self) -> None:
         _check_types(self, "config")
+        for attr in ("id", "key"):
+            values = [getattr(app, attr) for app in self.apps]
+            if len(set(values)) != len(values):
+                raise ConfigError(f"app {attr}s must be unique: {values}")
+        if any(s.protocol == "pusher" for s in self.services) and not self.apps:
+            raise ConfigError('a service with protocol "pusher" needs at least one [[app]]')
         if self.channels.name:
             raise ConfigError("[channels] is the default namespace: it takes no name")
         names = [ns.name for ns in self.namespaces]

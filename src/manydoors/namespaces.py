@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Final
 
 from .config import Config, NamespaceConfig
+from .pusher import names as pusher_names
 
 # Channels whose namespace is remembered; past it the cache starts afresh (a lookup
 # is a split and a dict get, so a miss costs little; a bound keeps a million one-off
@@ -52,7 +53,10 @@ class Namespaces:
         ns = self.cache.get(channel)
         if ns is None:
             head, colon, _ = channel.partition(":")
-            ns = self.by_name.get(head, self.default) if colon else self.default
+            if head.startswith(pusher_names.MARK):  # a Pusher app's: by its kind
+                ns = pusher_names.namespace(channel)
+            else:
+                ns = self.by_name.get(head, self.default) if colon else self.default
             if len(self.cache) >= CACHE_MAX:
                 self.cache.clear()
             self.cache[channel] = ns

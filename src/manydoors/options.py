@@ -16,6 +16,7 @@ from .config import (
     REDIS_SCHEMES,
     WEBHOOK_EVENTS,
     ApiConfig,
+    AppConfig,
     AuthConfig,
     Config,
     ConfigError,
@@ -392,6 +393,27 @@ def _parse(opt: Option, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {exc}") from None
 
 
+def _apps(app_tables: Any, env: Mapping[str, str]) -> tuple[AppConfig, ...]:
+    """The ``[[app]]`` tables; a secret may come from MANYDOORS_APP_<ID>_SECRET instead."""
+    if not isinstance(app_tables, list) or not all(isinstance(t, dict) for t in app_tables):
+        raise ConfigError("use [[app]] tables (an array of tables) for Pusher apps")
+    apps = []
+    keys = {f.name for f in fields(AppConfig)}
+    for i, table in enumerate(app_tables):
+        bad = set(table) - keys
+        if bad:
+            raise ConfigError(f"[[app]] #{i + 1}: unknown keys {sorted(bad)}")
+        app = dict(table)
+        app["id"] = str(app.get("id", ""))  # id = 1001 is as good as id = "1001"
+        secret = env.get(f"MANYDOORS_APP_{app['id'].upper()}_SECRET")
+        if secret:
+            app["secret"] = secret
+        if "webhook_events" in app:
+            app["webhook_events"] = _names(app["webhook_events"])
+        apps.append(AppConfig(**app))
+    return tuple(apps)
+
+
 def load(
     toml_text: str | None = None,
     env: Mapping[str, str] | None = None,
@@ -408,8 +430,8 @@ def load(
             doc = tomllib.loads(toml_text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file: {exc}") from None
-    known_top = {"service", "namespace", *(f.name for f in fields(Config))}
-    known_top -= {"services", "namespaces"}
+    known_top = {"service", "namespace", "app", *(f.name for f in fields(Config))}
+    known_top -= {"services", "namespaces", "apps"}
     unknown = set(doc) - known_top
     if unknown:
         raise ConfigError(f"unknown config keys: {sorted(unknown)}")
@@ -441,6 +463,7 @@ def load(
         if bad:
             raise ConfigError(f"[[namespace]] #{i + 1}: unknown keys {sorted(bad)}")
         namespaces.append(NamespaceConfig(**table))
+    apps = _apps(doc.get("app", []), env or {})
     tables_of = {
         "api": ApiConfig,
         "auth": AuthConfig,
@@ -448,7 +471,7 @@ def load(
         "hooks": HooksConfig,
     }
     top: dict[str, Any] = {
-        k: v for k, v in doc.items() if k not in (*tables_of, "service", "namespace")
+        k: v for k, v in doc.items() if k not in (*tables_of, "service", "namespace", "app")
     }
     tables = {name: _table(doc, name, cls) for name, cls in tables_of.items()}
     if "webhook_events" in tables["hooks"]:
@@ -484,6 +507,7 @@ def load(
             channels=NamespaceConfig(**tables["channels"]),
             namespaces=tuple(namespaces),
             hooks=HooksConfig(**tables["hooks"]),
+            apps=apps,
             **top,
         )
     except TypeError as exc:
