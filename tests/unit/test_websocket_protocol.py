@@ -100,7 +100,8 @@ def test_a_valid_upgrade_request_gets_a_101_with_the_accept_key() -> None:
     req = request(*GOOD)
     result = parse_handshake(req)
     assert result is not None
-    response, consumed = result
+    response, consumed, target = result
+    assert target == b"/chat"
     assert response == (
         b"HTTP/1.1 101 Switching Protocols\r\n"
         b"Upgrade: websocket\r\n"
@@ -131,7 +132,7 @@ def test_bytes_after_the_head_are_not_consumed() -> None:
     first_frame = frame(1, b"hi")
     result = parse_handshake(req + first_frame)
     assert result is not None
-    _, consumed = result
+    _, consumed, _ = result
     assert consumed == len(req)
     assert feed((req + first_frame)[consumed:]) == [Text(b"hi")]
 

@@ -206,6 +206,16 @@ class Router:
                 self.backplane.worker_pub(key, sender, data)
             else:
                 self.backplane.worker_send(key, sender, data)
+        elif kind == Kind.PUB_EXCEPT:
+            conn, _, envelope = payload.partition(b" ")
+            try:
+                sender, data = _decode_envelope(envelope)
+                exclude = conn.decode("ascii")
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                self.bad_frames += 1
+                return
+            self.published += 1
+            self.spawn(self.backplane.publish_channel(key, sender, data, exclude))
         elif kind == Kind.SUB:
             held = self.channels.get(key)
             if held is None:

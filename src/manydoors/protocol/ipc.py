@@ -34,6 +34,9 @@ class Kind(IntEnum):
     LEAVE = 14  # ... its last connection in <key> on this worker is gone
     EVENT = 15  # for the webhooks: key = event name, payload = JSON object
     CHANNELS_PART = 16  # answer to CHANNELS_ASK; payload = token (u32) + JSON {channel: n}
+    # publish to channel <key> leaving out a connection (a Pusher client event is not
+    # echoed): payload = its id "<pid>-<token>", a space, then JSON [from, data]
+    PUB_EXCEPT = 17
     # broker -> worker
     DELIVER_CHANNEL = 20  # payload = encoded event line for subscribers of <key>
     DELIVER_USER = 21  # payload = encoded event line for connections of user <key>
@@ -59,6 +62,12 @@ RECOVER_HEAD: Final = struct.Struct("!IQ")  # request id, since
 RECOVERED_HEAD: Final = struct.Struct("!IBQ")  # request id, recovered, seq at the join
 TOKEN: Final = struct.Struct("!I")  # a request id or token
 EXCLUDE: Final = struct.Struct("!IQ")  # the pid and the token of a connection id "<pid>-<token>"
+
+
+def missed_lines(payload: bytes) -> list[bytes]:
+    """The event lines of a RECOVERED answer, each with its newline."""
+    # Split on newlines only: a relayed ``data`` may hold a raw \r (JSON whitespace).
+    return [line + b"\n" for line in payload[RECOVERED_HEAD.size :].split(b"\n")[:-1]]
 
 
 def exclude_head(conn: str) -> bytes | None:

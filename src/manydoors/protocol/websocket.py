@@ -54,8 +54,11 @@ def accept_key(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + _GUID).digest())
 
 
-def parse_handshake(request: bytes, *, max_bytes: int = 8192) -> tuple[bytes, int] | None:
-    """Validate an upgrade request; return ``(101 response, bytes consumed)``.
+def parse_handshake(request: bytes, *, max_bytes: int = 8192) -> tuple[bytes, int, bytes] | None:
+    """Validate an upgrade request; return ``(101 response, bytes consumed, target)``.
+
+    ``target`` is the request's path and query (``/app/key?protocol=7``), for a wire
+    that serves more than one thing (Pusher: one app per key).
 
     Feed everything received so far. Returns None while the request head is
     incomplete and no longer than ``max_bytes``. Bytes after the head (a client may
@@ -83,7 +86,7 @@ def parse_handshake(request: bytes, *, max_bytes: int = 8192) -> tuple[bytes, in
     consumed = len(request) - len(conn.trailing_data[0])
     if consumed > max_bytes:
         raise HandshakeError(431, f"request head over {max_bytes} bytes")
-    return _response(event), consumed
+    return _response(event), consumed, event.target
 
 
 def _tokens(headers: list[tuple[bytes, bytes]], name: bytes) -> set[bytes]:

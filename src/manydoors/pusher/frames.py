@@ -224,6 +224,13 @@ def member(key: str) -> ChannelData:
     return _member.decode(key)
 
 
+def joined_member(line: bytes) -> str | None:
+    """The member of a ``join`` event line (None for any other line)."""
+    if not line.startswith(b'{"ev":"join"'):
+        return None
+    return _line.decode(line).user
+
+
 def _frame(activity_timeout: int, line: bytes) -> bytes:
     event = _line.decode(line)
     ev = event.ev

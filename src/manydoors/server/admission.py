@@ -113,14 +113,17 @@ class Admission:
         conn.ipb = bucket
         return True
 
-    def admit(self, conn: Peer, transport: asyncio.Transport) -> None:
-        """Join the hub and say welcome (for WebSocket: once the upgrade is done)."""
+    def admit(self, conn: Peer, transport: asyncio.Transport) -> str:
+        """Join the hub and say welcome (for WebSocket: once the upgrade is done).
+
+        Returns the connection's id, as the welcome said it."""
         self.hub.add(conn)
         self.counters.mv[self.counters.i_accepted] += 1
         transport.set_write_buffer_limits(high=self.service.max_outbound_bytes)
         self.next_conn += 1
         name = self.ids.name(conn, self.next_conn)
         conn.write(encode(Welcome(name, self.service.name, self.slot)))
+        return name
 
     def take_user(self, conn: Peer, user: str) -> bool:
         """Count ``conn`` as ``user`` against max_connections_per_user (False: refused)."""

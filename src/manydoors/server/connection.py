@@ -184,10 +184,11 @@ class WsConnection(WsFrameParser, Connection):
             if done is None:
                 self.head = request
                 return
-            response, used = done
+            response, used, target = done
             self.head = None
             transport.write(response)
-            self.admission.admit(self, transport)
+            if not self.upgraded(transport, target):
+                return
             data = request[used:]
             if not data:
                 return
@@ -216,20 +217,33 @@ class WsConnection(WsFrameParser, Connection):
                 transport.write(encode_close(event.code, event.reason))
                 transport.close()
 
+    def upgraded(self, transport: asyncio.Transport, target: bytes) -> bool:
+        """The handshake is done (``target``: its path): join the hub (False: closed)."""
+        self.admission.admit(self, transport)
+        return True
+
     def write(self, line: bytes) -> None:
         if self.transport is not None and self.head is None:
             self.transport.write(encode_line(line))
 
 
 def bind(
-    cls: type[Connection], admission: Admission, clock: Clock, sessions: Sessions, max_bytes: int
+    cls: type[Connection],
+    admission: Admission,
+    clock: Clock,
+    sessions: Sessions,
+    max_bytes: int,
+    **more: object,
 ) -> type[Connection]:
-    """A subclass of ``cls`` that reaches one worker's parts (no slots added: no memory)."""
+    """A subclass of ``cls`` that reaches one worker's parts (no slots added: no memory).
+
+    ``more``: class attributes of the wire's own (the Pusher apps by key)."""
     attrs = {
         "__slots__": (),
         "admission": admission,
         "clock": clock,
         "sessions": sessions,
         "max_message_bytes": max_bytes,
+        **more,
     }
     return cast(type[Connection], type(cls.__name__, (cls,), attrs))

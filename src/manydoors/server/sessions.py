@@ -28,7 +28,7 @@ import msgspec
 from ..broker.base import PresenceResult
 from ..config import AuthConfig, HooksConfig, NamespaceConfig, ServiceConfig
 from ..namespaces import Namespaces
-from ..protocol.ipc import RECOVER_HEAD, RECOVERED_HEAD, TOKEN, Kind
+from ..protocol.ipc import RECOVER_HEAD, RECOVERED_HEAD, TOKEN, Kind, missed_lines
 from ..protocol.messages import (
     PONG,
     ClientOp,
@@ -118,8 +118,8 @@ class Sessions:
         self.strikes: dict[Peer, int] = {}
         # Acks that must wait until the broker has applied our earlier interest frames.
         self.dirty = False
-        self.waiting: deque[list[tuple[Peer, OpId]]] = deque()
-        self.unsynced: list[tuple[Peer, OpId]] = []  # acks since the link's last write
+        self.waiting: deque[list[tuple[Peer, bytes | Callable[[], None]]]] = deque()
+        self.unsynced: list[tuple[Peer, bytes | Callable[[], None]]] = []  # since the last write
         # Requests to the broker that a client waits for, by request id.
         self.requests = itertools.count(1)
         self.recovering: dict[int, tuple[Peer, str, OpId]] = {}
@@ -464,18 +464,24 @@ class Sessions:
         Otherwise a client could get ``ok`` for a sub, publish through the API at once,
         and miss its own message because our SUB frame was still in flight.
         """
-        if op_id is None:
-            return
+        if op_id is not None:
+            self.when_applied(conn, ok_line(op_id))
+
+    def when_applied(self, conn: Peer, then: bytes | Callable[[], None]) -> None:
+        """Write ``then`` (an event line) to ``conn``, or call it, once the broker has
+        applied our interest frames sent so far."""
         if self.dirty or self.unsynced:
             # One SYNC per link write covers every ack since the last: a ramp of hellos
             # costs the broker one round trip per Link.COALESCE_S, not one per connection.
             if not self.unsynced and self.link is not None:
                 self.link.at_flush(self.sync)
-            self.unsynced.append((conn, op_id))
+            self.unsynced.append((conn, then))
         elif self.waiting:
-            self.waiting[-1].append((conn, op_id))
+            self.waiting[-1].append((conn, then))
+        elif isinstance(then, bytes):
+            conn.write(then)
         else:
-            conn.write(ok_line(op_id))
+            then()
 
     def sync(self) -> None:
         """Ask the broker to echo SYNCED once it has applied what we sent before."""
@@ -491,12 +497,18 @@ class Sessions:
             return
         # A hello and a sub sent together are acked in one write.
         acks: dict[Peer, bytes] = {}
+        calls: list[Callable[[], None]] = []
         frame = self.frame
-        for conn, op_id in self.waiting.popleft():
-            acks[conn] = acks.get(conn, b"") + frame(ok_line(op_id))
+        for conn, then in self.waiting.popleft():
+            if isinstance(then, bytes):
+                acks[conn] = acks.get(conn, b"") + frame(then)
+            else:
+                calls.append(then)
         for conn, data in acks.items():
             if conn.transport is not None:
                 conn.transport.write(data)
+        for call in calls:
+            call()
 
     def _interest(self, kind: Kind, key: str | None) -> None:
         if key is not None and self.link is not None:
@@ -521,9 +533,9 @@ class Sessions:
         self.recovering[req] = (conn, channel, op_id)
         link.send(Kind.RECOVER, channel, RECOVER_HEAD.pack(req, since))
 
-    def recovered(self, channel: str, payload: bytes) -> None:
-        """The broker's answer to ``recover``: the ack, then the missed lines."""
-        req, ok, seq = RECOVERED_HEAD.unpack_from(payload)
+    def take_recovery(self, channel: str, payload: bytes) -> tuple[Peer, OpId] | None:
+        """The connection (and op id) a RECOVERED answer is for, if it is still there."""
+        req = RECOVERED_HEAD.unpack_from(payload)[0]
         left = self.pending.get(channel, 1) - 1
         if left > 0:
             self.pending[channel] = left
@@ -533,17 +545,26 @@ class Sessions:
         if conn is None or conn.transport is None:
             if not left and channel not in self.hub.channels and self.link is not None:
                 self.link.send(Kind.UNSUB, channel)
+            return None
+        return conn, op_id
+
+    def recovered(self, channel: str, payload: bytes) -> None:
+        """The broker's answer to ``recover``: the ack, then the missed lines."""
+        taken = self.take_recovery(channel, payload)
+        if taken is None:
             return
+        conn, op_id = taken
         if channel in channels_of(conn):
             self.ok(conn, op_id)  # subscribed meanwhile: it has been receiving live
             return
+        _, ok, seq = RECOVERED_HEAD.unpack_from(payload)
         self.hub.subscribe(conn, channel)  # the broker knows our interest already
         self.members.joined(conn, channel)
-        # Split on newlines only: a relayed ``data`` may hold a raw \r (JSON whitespace).
-        lines = [line + b"\n" for line in payload[RECOVERED_HEAD.size :].split(b"\n")[:-1]]
+        lines = missed_lines(payload)
         frame = self.frame
         out = [frame(encode(Recovered(op_id, bool(ok), seq, len(lines))))]
         out.extend(frame(line) for line in lines)
+        assert conn.transport is not None  # take_recovery made sure
         conn.transport.write(b"".join(out))
         self.counters.mv[self.counters.i_out] += len(lines)
 

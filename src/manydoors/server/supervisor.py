@@ -130,6 +130,7 @@ class Supervisor:
             events=self.worker_events,
             # The proxies' URLs and limits; the webhook secret stays here.
             hooks=dataclasses.replace(self.config.hooks, webhook_url=None, webhook_secret=None),
+            apps=self.config.apps if pool.service.protocol == "pusher" else (),
         )
         proc = self.ctx.Process(
             target=worker_main,

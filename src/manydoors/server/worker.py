@@ -24,18 +24,21 @@ import signal
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, cast
 
 import msgspec
 import uvloop
 
-from ..config import AuthConfig, HooksConfig, NamespaceConfig, ServiceConfig
+from ..config import AppConfig, AuthConfig, HooksConfig, NamespaceConfig, ServiceConfig
 from ..namespaces import Namespaces
 from ..node.link import Link
 from ..node.procfs import open_fds
 from ..node.tuning import GC_THRESHOLDS
 from ..protocol.ipc import Kind
 from ..protocol.wire import NDJSON, WEBSOCKET
+from ..pusher import frames as pusher_frames
+from ..pusher.connection import connection_class as pusher_connection
+from ..pusher.sessions import PusherSessions
 from . import tls
 from .admission import Admission
 from .clock import Clock
@@ -69,6 +72,7 @@ class WorkerSpec:
     events: frozenset[str] = frozenset()  # webhook events the workers report (connect, ...)
     namespaces: Namespaces = field(default_factory=lambda: Namespaces(NamespaceConfig()))
     hooks: HooksConfig = field(default_factory=HooksConfig)  # the proxies' (no webhook secret)
+    apps: tuple[AppConfig, ...] = ()  # Pusher apps (a service with protocol "pusher")
 
 
 class Worker:
@@ -76,20 +80,26 @@ class Worker:
 
     def __init__(self, spec: WorkerSpec, stats: StatsTable) -> None:
         svc = spec.service
-        token_auth = spec.auth.mode != "none"  # token or proxy: a hello says who
+        self.pusher = svc.protocol == "pusher"  # Pusher apps authenticate their own way
+        auth = AuthConfig() if self.pusher else spec.auth
+        token_auth = auth.mode != "none"  # token or proxy: a hello says who
         self.spec = spec
         self.hub: Hub[Peer] = Hub()
         self.counters = counters = Counters(stats, spec.slot)
-        self.wire = wire = WEBSOCKET if svc.protocol == "websocket" else NDJSON
+        if self.pusher:
+            wire = pusher_frames.wire(svc.ping_interval)
+        else:
+            wire = WEBSOCKET if svc.protocol == "websocket" else NDJSON
+        self.wire = wire
         self.pid = os.getpid()
         cap = spec.fd_limit - spec.fd_reserve  # lowered in run() to what is really free
         self.admission = Admission(
             svc, counters, self.hub, wire, cap, (self.pid, spec.slot), token_auth
         )
         self.clock = Clock(svc, self.admission, self.hub, counters, wire, token_auth)
-        self.sessions = Sessions(
+        self.sessions = (PusherSessions if self.pusher else Sessions)(
             svc,
-            spec.auth,
+            auth,
             self.hub,
             self.admission,
             self.clock,
@@ -102,12 +112,15 @@ class Worker:
         )
         if "disconnect" in spec.events:
             self.admission.closing = {}
+        tls_on = svc.tls_cert is not None
+        base = pusher_connection(tls_on) if self.pusher else tls.connection_class(svc)
         self.admission.conn_class = bind(
-            tls.connection_class(svc),
+            base,
             self.admission,
             self.clock,
             self.sessions,
             svc.max_message_bytes,
+            apps={app.key: app for app in spec.apps},
         )
         self.commands = Commands(self.hub, self.admission, self.sessions, wire, self.fanout)
         self.link: Link | None = None
@@ -119,7 +132,11 @@ class Worker:
         hub = self.hub
         # Deliveries arrive as NDJSON lines; framed once here for this service's wire.
         if kind == Kind.DELIVER_CHANNEL:
-            self.fanout(hub.channels.get(key, ()), self.wire.frame(payload))
+            members: Iterable[Peer] = hub.channels.get(key, ())
+            if self.pusher and payload.startswith(b'{"ev":"join"'):
+                # Pusher tells a member's arrival to the others only.
+                members = cast(PusherSessions, self.sessions).pusher.others(key, payload, members)
+            self.fanout(members, self.wire.frame(payload))
         elif kind == Kind.DELIVER_USER:
             self.fanout(hub.of_user(key), self.wire.frame(payload))
         elif kind == Kind.DELIVER_ALL:
