@@ -22,6 +22,8 @@ from . import frames
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from .sessions import PusherSessions
+
 
 def route(target: bytes, apps: Mapping[str, AppConfig]) -> AppConfig | tuple[int, str]:
     """The app a handshake's path names, or (close code, reason) to refuse it with."""
@@ -51,6 +53,7 @@ class PusherConnection(WsConnection):
     __slots__ = ("app", "sid")
 
     apps: ClassVar[Mapping[str, AppConfig]]  # by key: set on the subclass ``bind`` makes
+    sessions: ClassVar[PusherSessions]  # a Sessions, narrowed
 
     def __init__(self) -> None:
         super().__init__()
@@ -64,6 +67,12 @@ class PusherConnection(WsConnection):
             self.sessions.counters.error("bad_handshake")
             self.transport = None
             transport.write(frames.error(reason, code) + encode_close(code, reason))
+            transport.close()
+            return False
+        if not self.sessions.let_in(self, app):
+            self.transport = None
+            why = f"app {app.id} is over its connection quota ({app.max_connections})"
+            transport.write(frames.error(why, frames.OVER_QUOTA) + encode_close(frames.OVER_QUOTA))
             transport.close()
             return False
         self.app = app

@@ -29,6 +29,7 @@ from ..namespaces import Namespaces
 from ..protocol.ipc import RECOVER_HEAD, TOKEN, Kind, missed_lines
 from ..protocol.messages import ProtocolError
 from ..server.hub import Hub, channels_of
+from ..server.limits import CountTable
 from ..server.membership import Membership
 from ..server.peer import Peer
 from ..server.sessions import Sessions
@@ -123,6 +124,22 @@ class PusherSessions(Sessions):
         # Client events of each connection this second (few connections send them).
         self.client_events: dict[Peer, int] = {}
         self.second = 0
+        # Each app's connections on every worker of the service, in the bucket of the
+        # app's index (for the apps' max_connections; None when no app has one).
+        self.quotas: CountTable | None = None
+        self.apps: dict[str, int] = {}  # app id -> its index (its bucket)
+
+    def let_in(self, conn: Peer, app: AppConfig) -> bool:
+        """Count ``conn`` against its app's max_connections (False: the app is full)."""
+        quotas = self.quotas
+        if quotas is None or not app.max_connections:
+            return True
+        bucket = self.apps[app.id]
+        if quotas.total(bucket) >= app.max_connections:
+            self.counters.error("too_many_connections")
+            return False
+        quotas.add(bucket, 1)
+        return True
 
     # --- messages in -------------------------------------------------------------------
 
@@ -175,6 +192,9 @@ class PusherSessions(Sessions):
         self.say(conn, frames.subscription_error(channel[: names.MAX_CHANNEL], why, status))
 
     def release(self, conn: Peer, why: str = "closed") -> None:
+        app = cast(PusherPeer, conn).app
+        if app is not None and app.max_connections and self.quotas is not None:
+            self.quotas.add(self.apps[app.id], -1)
         self.pusher.forget(conn)
         self.client_events.pop(conn, None)
         super().release(conn, why)

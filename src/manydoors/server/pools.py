@@ -180,6 +180,9 @@ def bind_pool(service: ServiceConfig, count: int, config: Config, ctx: BaseConte
     slots = [Slot(i, s) for i, s in enumerate(sockets)]
     counts = None
     per_user = service.max_connections_per_user and config.auth.mode == "token"
-    if service.max_connections_per_ip or per_user:
+    # A Pusher service has no per-user limit: its user table counts each app's
+    # connections instead (bucket = the app's index), for the apps' max_connections.
+    quotas = service.protocol == "pusher" and any(app.max_connections for app in config.apps)
+    if service.max_connections_per_ip or per_user or quotas:
         counts = ctx.RawArray(ctypes.c_ubyte, shared_bytes(count))
     return Pool(service, port, slots, table, buffer, counts=counts)

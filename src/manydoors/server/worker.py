@@ -110,6 +110,10 @@ class Worker:
             spec.hooks,
             spec.slot,
         )
+        if self.pusher:
+            cast(PusherSessions, self.sessions).apps = {
+                app.id: i for i, app in enumerate(spec.apps)
+            }
         if "disconnect" in spec.events:
             self.admission.closing = {}
         tls_on = svc.tls_cert is not None
@@ -283,4 +287,6 @@ def worker_main(
         admission = worker.admission
         admission.ip_counts = ip_counts if admission.per_ip else None
         admission.user_counts = user_counts if admission.per_user else None
+        if worker.pusher:
+            cast(PusherSessions, worker.sessions).quotas = user_counts
     uvloop.run(worker.run(listen_sock, link_sock))
