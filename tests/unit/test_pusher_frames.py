@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from manydoors.broker.history import LAST, missed
 from manydoors.config import AppConfig
 from manydoors.protocol.messages import (
     PING,
@@ -137,3 +138,10 @@ def test_client_event_data_may_be_an_object_or_a_json_string() -> None:
     assert got.channel == "b"
     with pytest.raises(frames.FrameError):
         frames.data_of(msgspec.Raw(b"[1]"), frames.SubscribeData)
+
+
+def test_a_cache_recovery_gets_the_last_line_alone() -> None:
+    entries = [(4, b"four\n"), (5, b"five\n")]
+    assert missed(LAST, 5, entries) == [b"five\n"]
+    assert missed(LAST, 0, []) == []  # nothing published: a cache miss
+    assert missed(LAST, 9, entries) is None  # the last one is gone (expired)

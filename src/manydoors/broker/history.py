@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Final
 
 Entry = tuple[int, bytes]  # (seq, event line)
 Limits = Callable[[str], tuple[int, float]]  # channel -> (size, ttl): its namespace's
@@ -69,12 +70,20 @@ class History:
         return len(self.channels)
 
 
+# A recovery's ``since`` that asks for the channel's last line only (a native client's
+# ``since`` is at most 2**63 - 1, so it cannot say this).
+LAST: Final = 2**64 - 1
+
+
 def missed(since: int, seq: int, *sources: Iterable[Entry]) -> list[bytes] | None:
     """The lines of seqs ``since+1 .. seq`` in order from any of ``sources``, or None.
 
     None means the history does not cover the gap (too old, expired, or a seq from
     the future: the channel's counter was reset), so the client cannot recover.
+    ``since`` = LAST asks for the last line alone (a Pusher cache channel's).
     """
+    if since == LAST:
+        since = max(seq - 1, 0)
     if since > seq:
         return None
     found: dict[int, bytes] = {}

@@ -24,6 +24,7 @@ import msgspec
 from msgspec import Raw
 
 from ..broker.base import PresenceResult
+from ..broker.history import LAST
 from ..config import AppConfig
 from ..namespaces import Namespaces
 from ..protocol.ipc import RECOVER_HEAD, TOKEN, Kind, missed_lines
@@ -321,7 +322,7 @@ class PusherSessions(Sessions):
         req = next(self.requests)
         self.recovering[req] = (conn, node, None)
         self.caches[req] = (name, member)
-        link.send(Kind.RECOVER, node, RECOVER_HEAD.pack(req, 0))
+        link.send(Kind.RECOVER, node, RECOVER_HEAD.pack(req, LAST))
 
     def recovered(self, channel: str, payload: bytes) -> None:
         cache = self.caches.pop(TOKEN.unpack_from(payload)[0], None)
