@@ -22,7 +22,7 @@ import pytest
 
 from manydoors.config import AppConfig, NamespaceConfig, ServiceConfig
 from manydoors.namespaces import Namespaces
-from manydoors.protocol.ipc import RECOVERED_HEAD, TOKEN, Kind
+from manydoors.protocol.ipc import JOIN_HEAD, RECOVERED_HEAD, TOKEN, Kind
 from manydoors.protocol.messages import join_line, msg_line
 from manydoors.pusher import frames, names
 from manydoors.pusher.sessions import PusherSessions
@@ -131,6 +131,14 @@ def answer_presence(worker: Worker, link: FakeLink, members: dict[str, int]) -> 
             worker.on_frame(cast(Any, link), Kind.PRESENCE_DONE, channel, payload + body)
 
 
+def answer_joins(worker: Worker, link: FakeLink, room: bool = True) -> None:
+    """Answer every JOIN_ASK as the router would (``room``: let the member in)."""
+    for kind, channel, payload in list(link.frames):
+        if kind == Kind.JOIN_ASK:
+            head = payload[: TOKEN.size] + (b"\x01" if room else b"\x00")
+            worker.on_frame(cast(Any, link), Kind.JOINED, channel, head)
+
+
 def member(user_id: str, info: Any) -> tuple[str, str]:
     """(channel_data, member key) of a presence member."""
     data = json.dumps({"user_id": user_id, "user_info": info})
@@ -227,14 +235,13 @@ async def test_presence_members_join_and_leave_once_per_member() -> None:
     data, key = member("u1", {"name": "Ann"})
     node = names.channel("1001", "presence-room")
     for peer in (a, b):  # one member on two connections
+        auth = peer.auth("presence-room", data)
         peer.send(
-            "pusher:subscribe",
-            {
-                "channel": "presence-room",
-                "auth": peer.auth("presence-room", data),
-                "channel_data": data,
-            },
+            "pusher:subscribe", {"channel": "presence-room", "auth": auth, "channel_data": data}
         )
+    asks = [f for f in link.frames if f[0] == Kind.JOIN_ASK]
+    assert len(asks) == 2 and asks[0][2].endswith(key.encode())  # the router seats members
+    answer_joins(worker, link)
     joins = [f for f in link.frames if f[0] == Kind.JOIN]
     assert joins == [(Kind.JOIN, node, key.encode())]
     sync(worker, link)
@@ -260,6 +267,7 @@ async def test_member_added_goes_to_the_others_only() -> None:
         peer.send(
             "pusher:subscribe", {"channel": "presence-room", "auth": auth, "channel_data": data}
         )
+    answer_joins(worker, link)
     a.take(), b.take()
     _, key2 = member("u2", None)
     worker.on_frame(cast(Any, link), Kind.DELIVER_CHANNEL, node, join_line(node, key2, True))
@@ -274,19 +282,33 @@ async def test_member_added_goes_to_the_others_only() -> None:
 
 
 @in_loop
-async def test_a_full_presence_channel_refuses_one_more_member() -> None:
+async def test_a_full_presence_channel_refuses_one_more_member_unannounced() -> None:
     worker, link = make_pusher()
     peer = Peer(worker, key="quiet-key")  # QUIET: max_presence_members 2
-    data, key = member("u3", None)
+    data, _ = member("u3", None)
     auth = peer.auth("presence-room", data, secret="quiet-secret").replace("app-key", "quiet-key")
     peer.send("pusher:subscribe", {"channel": "presence-room", "auth": auth, "channel_data": data})
-    sync(worker, link)
-    answer_presence(worker, link, {member("u1", None)[1]: 1, member("u2", None)[1]: 1, key: 1})
+    (ask,) = [f for f in link.frames if f[0] == Kind.JOIN_ASK]
+    assert JOIN_HEAD.unpack_from(ask[2])[1] == QUIET.max_presence_members
+    answer_joins(worker, link, room=False)
     got = peer.take()
     assert got[0]["event"] == "pusher:subscription_error"
     assert "max_presence_members" in json.loads(got[0]["data"])["error"]
     assert not worker.hub.channels
-    assert [f for f in link.frames if f[0] == Kind.LEAVE]
+    assert not [f for f in link.frames if f[0] in (Kind.JOIN, Kind.SUB)]  # never announced
+
+
+@in_loop
+async def test_a_member_seated_after_its_connection_closed_is_given_back() -> None:
+    worker, link = make_pusher()
+    peer = Peer(worker)
+    data, key = member("u1", None)
+    auth = peer.auth("presence-room", data)
+    peer.send("pusher:subscribe", {"channel": "presence-room", "auth": auth, "channel_data": data})
+    peer.conn.connection_lost(None)
+    answer_joins(worker, link)
+    node = names.channel("1001", "presence-room")
+    assert (Kind.LEAVE, node, key.encode()) in link.frames
 
 
 @in_loop

@@ -11,7 +11,7 @@ from msgspec import Raw
 from manydoors.broker.backplane import LocalBackplane
 from manydoors.broker.base import BrokerStats, PresenceResult, Published, RedisStats
 from manydoors.broker.router import Router
-from manydoors.protocol.ipc import RECOVER_HEAD, RECOVERED_HEAD, TOKEN, IpcParser, Kind
+from manydoors.protocol.ipc import JOIN_HEAD, RECOVER_HEAD, RECOVERED_HEAD, TOKEN, IpcParser, Kind
 from manydoors.protocol.ipc import encode_frame as frame
 
 
@@ -338,3 +338,28 @@ def test_stats_have_the_keys_they_always_had() -> None:
         "reconnects",
         "last_error",
     ]
+
+
+def test_join_asks_seat_members_while_the_channel_has_room() -> None:
+    router, (a, b) = node("a", "b")
+    answers: list[bool] = []
+
+    def ask(link: FakeLink, req: int, member: str, limit: int = 2) -> None:
+        tell(router, link, Kind.JOIN_ASK, "room", JOIN_HEAD.pack(req, limit) + member.encode())
+        kind, key, payload = link.decoded()[-1]
+        assert (kind, key, payload[:4]) == (Kind.JOINED, "room", TOKEN.pack(req))
+        answers.append(payload[4:] == b"\x01")
+
+    ask(a, 1, "u1")
+    ask(b, 2, "u2")
+    ask(a, 3, "u3")  # full
+    ask(b, 4, "u1")  # a member already in: always
+    assert answers == [True, True, False, True]
+    assert router.member_counts == {"room": 2}
+    tell(router, a, Kind.LEAVE, "room", b"u2")  # not a's: nothing
+    tell(router, b, Kind.LEAVE, "room", b"u2")
+    ask(a, 5, "u3")
+    assert answers[-1] is True
+    router.detach(a)
+    router.detach(b)
+    assert router.member_counts == {}

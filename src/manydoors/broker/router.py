@@ -27,7 +27,7 @@ import msgspec
 from msgspec import Raw
 
 from ..node.link import Link
-from ..protocol.ipc import RECOVER_HEAD, TOKEN, Kind, encode_frame, exclude_head
+from ..protocol.ipc import JOIN_HEAD, RECOVER_HEAD, TOKEN, Kind, encode_frame, exclude_head
 from .backplane import Backplane
 from .base import BrokerStats, ChannelList, HistoryPage, PresenceResult, Published
 
@@ -128,6 +128,7 @@ class Router:
         # (channel, user) -> the links holding that user in that channel, for the
         # namespaces with join_leave only (the workers send JOIN/LEAVE for those alone).
         self.members: dict[tuple[str, str], set[Link]] = {}
+        self.member_counts: dict[str, int] = {}  # channel -> its members on this node
         self.published = 0  # every publish through this node, from workers and the API
         self.bad_frames = 0
         self.gathers: dict[int, Gather] = {}
@@ -254,6 +255,20 @@ class Router:
                 return
             if gather is not None:
                 gather.add(PresenceResult(users, anonymous))
+        elif kind == Kind.JOIN_ASK and len(payload) > JOIN_HEAD.size:
+            req, limit = JOIN_HEAD.unpack_from(payload)
+            try:
+                member = payload[JOIN_HEAD.size :].decode()
+            except UnicodeDecodeError:
+                self.bad_frames += 1
+                return
+            # Decided here, in the order the workers' frames arrive: of members joining
+            # at once, exactly those that fit get in (on this node; nodes sharing Redis
+            # each count their own).
+            room = (key, member) in self.members or self.member_counts.get(key, 0) < limit
+            if room:
+                self._member(link, key, member, joined=True)
+            link.send(Kind.JOINED, key, TOKEN.pack(req) + (b"\x01" if room else b"\x00"))
         elif kind == Kind.JOIN or kind == Kind.LEAVE:
             try:
                 user = payload.decode()
@@ -285,6 +300,7 @@ class Router:
         if joined:
             if held is None:
                 self.members[pair] = {link}
+                self.member_counts[channel] = self.member_counts.get(channel, 0) + 1
                 self.backplane.joined(channel, user, True)
             else:
                 held.add(link)
@@ -292,6 +308,9 @@ class Router:
             held.discard(link)
             if not held:
                 del self.members[pair]
+                left = self.member_counts.pop(channel, 1) - 1
+                if left:
+                    self.member_counts[channel] = left
                 self.backplane.joined(channel, user, False)
 
     def _unsub(self, channel: str, link: Link) -> None:

@@ -37,6 +37,9 @@ class Kind(IntEnum):
     # publish to channel <key> leaving out a connection (a Pusher client event is not
     # echoed): payload = its id "<pid>-<token>", a space, then JSON [from, data]
     PUB_EXCEPT = 17
+    # a member joins presence channel <key> if it has room (a Pusher app's
+    # max_presence_members): payload = JOIN_HEAD (request id, limit) + the member
+    JOIN_ASK = 18
     # broker -> worker
     DELIVER_CHANNEL = 20  # payload = encoded event line for subscribers of <key>
     DELIVER_USER = 21  # payload = encoded event line for connections of user <key>
@@ -55,12 +58,14 @@ class Kind(IntEnum):
     DELIVER_CHANNEL_EXCEPT = 31
     DELIVER_USER_EXCEPT = 32
     DELIVER_ALL_EXCEPT = 33
+    JOINED = 34  # answer to JOIN_ASK: payload = request id (u32) + 1 byte (1: joined)
 
 
 # Payload heads of the frames above (network order).
 RECOVER_HEAD: Final = struct.Struct("!IQ")  # request id, since
 RECOVERED_HEAD: Final = struct.Struct("!IBQ")  # request id, recovered, seq at the join
 TOKEN: Final = struct.Struct("!I")  # a request id or token
+JOIN_HEAD: Final = struct.Struct("!II")  # request id, the channel's member limit
 EXCLUDE: Final = struct.Struct("!IQ")  # the pid and the token of a connection id "<pid>-<token>"
 
 

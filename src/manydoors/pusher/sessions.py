@@ -27,7 +27,7 @@ from ..broker.base import PresenceResult
 from ..broker.history import LAST
 from ..config import AppConfig
 from ..namespaces import Namespaces
-from ..protocol.ipc import RECOVER_HEAD, TOKEN, Kind, missed_lines
+from ..protocol.ipc import JOIN_HEAD, RECOVER_HEAD, TOKEN, Kind, missed_lines
 from ..protocol.messages import ProtocolError
 from ..server.hub import Hub, channels_of
 from ..server.limits import CountTable
@@ -122,6 +122,7 @@ class PusherSessions(Sessions):
         self.members = self.pusher = PusherMembership(self.hub, self.namespaces, self.service)
         self.asks: dict[int, Callable[[PresenceResult], None]] = {}  # presence, by request
         self.caches: dict[int, tuple[str, str | None]] = {}  # cache joins: (name, member)
+        self.seats: dict[int, tuple[Peer, str, str, str]] = {}  # JOIN_ASKs: (conn, node, ...)
         # Client events of each connection this second (few connections send them).
         self.client_events: dict[Peer, int] = {}
         self.second = 0
@@ -236,6 +237,36 @@ class PusherSessions(Sessions):
             why = f"a connection may be in at most {self.max_subscriptions} channels"
             self.refuse(conn, name, why, 403)
             return
+        if member is None:
+            self.enter_channel(conn, node, name, None)
+        elif self.link is not None:
+            # The router lets the member in only if the channel has room: of members
+            # joining at once exactly those that fit get in, and a refused one is
+            # never announced.
+            req = next(self.requests)
+            self.seats[req] = (conn, node, name, member)
+            head = JOIN_HEAD.pack(req, app.max_presence_members)
+            self.link.send(Kind.JOIN_ASK, node, head + member.encode())
+
+    def seated(self, channel: str, payload: bytes) -> None:
+        """The router's answer to JOIN_ASK: in (the router counts it a member), or not."""
+        seat = self.seats.pop(TOKEN.unpack_from(payload)[0], None)
+        if seat is None:
+            return
+        conn, node, name, member = seat
+        if payload[TOKEN.size :] != b"\x01":
+            limit = getattr(cast(PusherPeer, conn).app, "max_presence_members", 0)
+            why = f"the presence channel is full (max_presence_members {limit})"
+            self.refuse(conn, name, why, 403)
+        elif conn.transport is None or node in channels_of(conn):
+            # Gone (or in) meanwhile: the router's count of it is ours to undo.
+            if (node, member) not in self.pusher.counts and self.link is not None:
+                self.link.send(Kind.LEAVE, node, member.encode())
+        else:
+            self.enter_channel(conn, node, name, member)
+
+    def enter_channel(self, conn: Peer, node: str, name: str, member: str | None) -> None:
+        """Put ``conn`` in ``node`` (allowed); subscription_succeeded once applied."""
         if names.is_cache(name):
             self.cache_join(conn, node, name, member)
             return
@@ -244,6 +275,13 @@ class PusherSessions(Sessions):
         if member is not None:
             self.pusher.add(conn, node, member)
         self.when_applied(conn, lambda: self.succeed(conn, node, name, member, b""))
+
+    def ask_presence(self, node: str, then: Callable[[PresenceResult], None]) -> None:
+        """Ask every worker (and node) who is in ``node``; ``then`` gets the answer."""
+        if self.link is not None:
+            req = next(self.requests)
+            self.asks[req] = then
+            self.link.send(Kind.PRESENCE, node, TOKEN.pack(req))
 
     def member(self, conn: Peer, channel: str, data: str) -> str | None:
         """The member a presence subscription's channel_data names (None: refused)."""
@@ -268,28 +306,17 @@ class PusherSessions(Sessions):
         if member is None:
             self.say(conn, frames.subscribed(name) + cached)
             return
-        if self.link is None:
-            return
-        req = next(self.requests)
-        self.asks[req] = lambda got: self.members_known(conn, node, name, got, cached)
-        self.link.send(Kind.PRESENCE, node, TOKEN.pack(req))
+        self.ask_presence(node, lambda got: self.members_known(conn, node, name, got, cached))
 
     def members_known(
         self, conn: Peer, node: str, name: str, got: PresenceResult, cached: bytes
     ) -> None:
         if conn.transport is None or (conn, node) not in self.pusher.member_of:
             return
-        app = cast(PusherPeer, conn).app
-        assert app is not None
         info: dict[str, Raw] = {}
         for key in got.users:
             member = frames.member(key)
             info[str(member.user_id)] = member.user_info
-        if len(info) > app.max_presence_members:
-            self.drop(conn, node)
-            why = f"the presence channel is full (max_presence_members {app.max_presence_members})"
-            self.refuse(conn, name, why, 403)
-            return
         presence = {"ids": list(info), "hash": info, "count": len(info)}
         self.say(conn, frames.subscribed(name, presence) + cached)
 

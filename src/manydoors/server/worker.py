@@ -153,6 +153,8 @@ class Worker:
             link.send(Kind.PRESENCE_PART, key, payload + self.sessions.presence_part(key))
         elif kind == Kind.PRESENCE_DONE:
             self.sessions.presence_done(key, payload)
+        elif kind == Kind.JOINED and self.pusher:
+            cast(PusherSessions, self.sessions).seated(key, payload)
         elif kind == Kind.SAMPLE:
             link.send(Kind.SAMPLED, "", _encode_json(self.sample(int(key or 0))))
         elif kind >= Kind.DISCONNECT:  # the API's: disconnect, unsubscribe, exclusions
