@@ -9,6 +9,8 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -16,6 +18,7 @@ from typing import Any
 
 from manydoors.apiclient import get_json as get
 from manydoors.launch import serving
+from manydoors.loadgen.pusherclient import PusherApp
 from manydoors.node import procfs
 
 # What tests and benchmarks share lives in tests/ (redisfix, certfix).
@@ -67,6 +70,53 @@ def server(*args: str) -> Iterator[Server]:
 
 def load(*args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "manydoors", "load", *args])
+
+
+# The Pusher app the benchmarks serve (protocol = "pusher") and drive.
+PUSHER_APP = PusherApp(key="bench-key", id="1001", secret="bench-secret")
+
+
+def pusher_flags() -> tuple[list[str], list[str]]:
+    """(server flags, load flags) of a ``pusher`` service serving PUSHER_APP.
+
+    The server's flags name a config file holding the app (apps have no flags) and set
+    the single service's protocol; the load's speak Pusher to that app.
+    """
+    app = PUSHER_APP
+    path = os.path.join(tempfile.mkdtemp(prefix="manydoors-bench-"), "pusher.toml")
+    with open(path, "w") as f:
+        f.write(f'[[app]]\nid = "{app.id}"\nkey = "{app.key}"\nsecret = "{app.secret}"\n')
+    server_flags = ["--config", path, "--protocol", "pusher"]
+    assert app.id is not None and app.secret is not None
+    load_flags = ["--pusher", "--app-key", app.key, "--app-id", app.id, "--app-secret", app.secret]
+    return server_flags, load_flags
+
+
+class LoadWatch:
+    """``manydoors load ARGS`` whose lines are echoed; ``ramp_done`` is set at its
+    "ramp done: N ready" line (every connection has its answer: held and subscribed)."""
+
+    def __init__(self, *args: str) -> None:
+        cmd = [sys.executable, "-m", "manydoors", "load", *args]
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+        self.ramp_done = threading.Event()
+        self.ready: int | None = None
+        self.thread = threading.Thread(target=self.echo, daemon=True)
+        self.thread.start()
+
+    def echo(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            print(line, file=sys.stderr, flush=True)
+            if line.startswith("load: ramp done: "):
+                self.ready = int(line.split()[3].replace(",", ""))
+                self.ramp_done.set()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+        self.thread.join(10)
 
 
 def rss_pss(pid: int) -> tuple[int, int]:

@@ -1,15 +1,21 @@
 """The 1M benchmark: a million connections held on this machine, then broadcast to.
 
     ./run bench c1m [--connections 1000000] [--rate 30000] [--hold 60] [--broadcasts 3]
+                    [--ws | --pusher]
 
 Starts a server sized for the count and the load generator on this same machine,
 ramps, holds, broadcasts, stops everything, and writes to bench/results/:
 c1m.json (summary), c1m-load.json (the load report), c1m.png (its plot) and
-c1m-stats.json (the server's final /api/stats). ``--name`` renames all four.
+c1m-stats.json (the server's final /api/stats); c1m-pusher* with --pusher. ``--name``
+renames all four.
 
 The server's CPU over the broadcasts is measured as ``bench/peers.py`` does: the load
 generator publishes through a proxy that reads the CPU time of the server's process
 tree at the first publish, and the load's line for the last message ends the count.
+
+--pusher: a ``protocol = "pusher"`` service; every connection speaks Pusher protocol 7
+and subscribes to one public channel, and each broadcast is an event triggered through
+the Pusher REST API (``POST /apps/{id}/events``, signed), timed as the others.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from _common import RESULTS, get, machine, save, server, source
+from _common import PUSHER_APP, RESULTS, get, machine, pusher_flags, save, server, source
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peers"))
 from _drive import STALL_S, Proxy, Readings, broadcast_cpu, run_load
@@ -43,8 +49,13 @@ def main() -> int:
     p.add_argument("--rate", type=int, default=30_000)
     p.add_argument("--hold", type=float, default=60)
     p.add_argument("--broadcasts", type=int, default=3)
-    p.add_argument("--name", default="c1m")
+    p.add_argument("--name", help="of the result files (default: c1m; with --pusher c1m-pusher)")
     p.add_argument("--ws", action="store_true", help="a websocket service, driven over WebSocket")
+    p.add_argument(
+        "--pusher",
+        action="store_true",
+        help="a pusher service, driven in Pusher protocol 7, broadcast to through its REST API",
+    )
     p.add_argument(
         "--ping-interval",
         default="0",
@@ -52,6 +63,10 @@ def main() -> int:
         "pings/s and as many pongs: on 2 cores that starves the ramp (docs/benchmarks.md)",
     )
     args = p.parse_args()
+    if args.ws and args.pusher:
+        p.error("--ws or --pusher, not both")
+    if args.name is None:
+        args.name = "c1m-pusher" if args.pusher else "c1m"
     n = args.connections
     paths = {
         k: os.path.join(RESULTS, f"{args.name}{k}") for k in ("-load.json", ".png", "-stats.json")
@@ -60,6 +75,9 @@ def main() -> int:
     before = procfs.meminfo()
     peak: dict[str, int] = {"server_rss": 0, "slab": 0, "connections": 0}
     proto = ["--protocol", "websocket"] if args.ws else []
+    pusher_load: list[str] = []
+    if args.pusher:
+        proto, pusher_load = pusher_flags()
     flags = ["--max-connections", str(n), "--drain-timeout", "60", "--ping-interval"]
     with server(*flags, args.ping_interval, *proto) as srv:
         pids = srv.worker_pids()
@@ -82,9 +100,10 @@ def main() -> int:
                 peak["server_rss"] = rss([*pids, srv.proc.pid])
                 peak["slab"] = procfs.meminfo()["Slab"]
 
-        proxy = Proxy(srv.api, readings.published)
+        proxy = Proxy(srv.api, readings.published, PUSHER_APP if args.pusher else None)
         flags = [
             *(["--ws"] if args.ws else []),
+            *pusher_load,
             *srv.target(n, args.rate),
             *("--subscribe", "veg", "--api", proxy.url),
             *("--broadcasts", str(args.broadcasts), "--hold", str(args.hold)),
@@ -116,6 +135,7 @@ def main() -> int:
             "hold": args.hold,
             "broadcasts": args.broadcasts,
             "ws": args.ws,
+            "protocol": "pusher" if args.pusher else "websocket" if args.ws else "tcp",
             "ping_interval": float(args.ping_interval),
         },
         "connections": report["connections"],

@@ -21,12 +21,19 @@ from _procs import Reaper, Usage, usage
 
 from manydoors.launch import stop
 from manydoors.loadgen import wsclient
+from manydoors.loadgen.pusherclient import PusherApp, signed_query
 
 
 class Proxy:
-    """The API URL given to the load generator: snapshot the server, restamp, forward."""
+    """The API URL given to the load generator: snapshot the server, restamp, forward.
 
-    def __init__(self, upstream: str, on_publish: Callable[[int], None]) -> None:
+    With ``pusher`` (the app), the publishes are Pusher REST calls: the stamp is inside
+    the event's ``data`` string, and the restamped body is signed again.
+    """
+
+    def __init__(
+        self, upstream: str, on_publish: Callable[[int], None], pusher: PusherApp | None = None
+    ) -> None:
         self.count = 0
         self.failed: str | None = None  # why the server did not answer a publish
         proxy = self
@@ -37,14 +44,21 @@ class Proxy:
                 proxy.count += 1
                 on_publish(proxy.count)
                 msg = json.loads(body)
+                path = self.path
                 if isinstance(msg.get("data"), dict) and "t" in msg["data"]:
                     msg["data"]["t"] = time.time()  # the reading above is not latency
+                elif pusher is not None and isinstance(msg.get("data"), str):
+                    stamp = json.loads(msg["data"])
+                    stamp["t"] = time.time()
+                    msg["data"] = json.dumps(stamp)
+                data = json.dumps(msg).encode()
+                if pusher is not None:
+                    where = path.split("?", 1)[0]
+                    path = f"{where}?{signed_query('POST', where, data, pusher, time.time())}"
                 headers = {"Content-Type": "application/json"}
                 if self.headers.get("Authorization"):
                     headers["Authorization"] = self.headers["Authorization"]
-                req = urllib.request.Request(
-                    upstream + self.path, data=json.dumps(msg).encode(), headers=headers
-                )
+                req = urllib.request.Request(upstream + path, data=data, headers=headers)
                 try:
                     with urllib.request.urlopen(req, timeout=60) as resp:
                         status, answer = resp.status, resp.read()

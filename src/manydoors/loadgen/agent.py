@@ -30,7 +30,7 @@ import uvloop
 from ..node import procfs
 from ..node.tuning import GC_THRESHOLDS
 from ..protocol.framing import TOO_LONG, LineFramer
-from . import wsclient
+from . import pusherclient, wsclient
 from .planner import AgentPlan
 from .tlspipe import TlsPipe, client_context
 
@@ -54,6 +54,7 @@ class AgentOptions:
     source_ports: tuple[int, int] | None = None  # per-socket ephemeral range
     ws: bool = False  # speak WebSocket (the same JSON messages in text frames)
     tls: bool = False  # TLS (no certificate check: see tlspipe)
+    pusher: pusherclient.PusherApp | None = None  # speak Pusher protocol 7 (over ws)
 
 
 class Event(msgspec.Struct):
@@ -140,7 +141,7 @@ class Agent:
         self.tls = client_context() if opts.tls else None
         # A connection counts as in flight until the server answers: its hello's ack, or
         # with --raw --tls the end of its handshake.
-        self.awaits_answer = opts.hello or opts.tls
+        self.awaits_answer = opts.hello or opts.tls or opts.pusher is not None
         # Open connections still waiting for that answer -> the user number their
         # greeting uses (sent once the TLS handshake is done). Oldest first, so the sweep
         # stops at the first one within its time; entries leave on the answer, so this
@@ -148,6 +149,13 @@ class Agent:
         self.waiting: dict[LoadConn, int] = {}
         # One shared answer to every heartbeat: no state per connection.
         self.pong = wsclient.masked_text(PONG) if opts.ws else PONG + b"\n"
+        # Pusher: the subscribe to a public channel, the same bytes for every connection
+        # (a private channel's is signed per connection, from its socket id).
+        self.pusher_sub = b""
+        if opts.pusher is not None:
+            self.pong = pusherclient.PONG
+            if opts.subscribe and not pusherclient.needs_auth(opts.subscribe):
+                self.pusher_sub = pusherclient.subscribe(opts.subscribe)
         last = 2 if opts.subscribe else 1
         self.ready_id = last if opts.hello else None
         # IP_LOCAL_PORT_RANGE (Linux 6.3+) takes the range as hi << 16 | lo.
@@ -164,24 +172,7 @@ class Agent:
             return
         kind = ev.ev
         if kind == "msg" or kind == "broadcast" or kind == "dm":
-            now = time.time()
-            try:
-                stamp = _decode_stamp(ev.data) if len(ev.data) else None
-            except msgspec.DecodeError:
-                stamp = None
-            if stamp is None:
-                self.received[0] += 1
-                return
-            bit = 1 << stamp.n
-            if conn.got & bit:
-                self.duplicates += 1
-                return
-            conn.got |= bit
-            self.received[stamp.n] += 1
-            hist = self.latency.get(stamp.n)
-            if hist is None:
-                hist = self.latency[stamp.n] = Counter()
-            hist[int((now - stamp.t) * 1000)] += 1
+            self.record(conn, ev.data)
         elif kind == "ok":
             if ev.id == self.ready_id and not conn.ready:
                 self.mark_ready(conn)
@@ -195,6 +186,63 @@ class Agent:
             self.closed[ev.reason or "bye"] += 1
         elif kind == "welcome" and self.ready_id is None and not conn.ready:
             self.mark_ready(conn)
+
+    def record(self, conn: LoadConn, data: bytes | str | msgspec.Raw) -> None:
+        """A message arrived: count it, and its latency when ``data`` is a Stamp."""
+        now = time.time()
+        try:
+            stamp = _decode_stamp(data) if len(data) else None
+        except msgspec.DecodeError:
+            stamp = None
+        if stamp is None:
+            self.received[0] += 1
+            return
+        bit = 1 << stamp.n
+        if conn.got & bit:
+            self.duplicates += 1
+            return
+        conn.got |= bit
+        self.received[stamp.n] += 1
+        hist = self.latency.get(stamp.n)
+        if hist is None:
+            hist = self.latency[stamp.n] = Counter()
+        hist[int((now - stamp.t) * 1000)] += 1
+
+    def on_pusher(self, conn: LoadConn, payload: bytes) -> None:
+        """One Pusher frame: an app's event (timed), or the protocol's own."""
+        try:
+            ev = pusherclient.decode_event(payload)
+            kind = ev.event
+            if not kind.startswith("pusher"):
+                self.record(conn, pusherclient.inner(ev.data))
+            elif kind == pusherclient.PING:
+                self.send(conn, self.pong)
+            elif kind == pusherclient.SUBSCRIBED:
+                if not conn.ready:
+                    self.mark_ready(conn)
+            elif kind == pusherclient.ESTABLISHED:
+                self.established(conn, ev.data)
+            elif kind == pusherclient.ERROR:
+                self.errors[pusherclient.error_name(ev.data)] += 1
+                self.waiting.pop(conn, None)  # an answer: the server closes it next
+            elif kind in pusherclient.SUBSCRIPTION_ERRORS and conn in self.waiting:
+                # Pusher's two names for it, both sent: counted once.
+                self.errors[pusherclient.subscription_error_name(ev.data)] += 1
+                self.waiting.pop(conn, None)
+        except msgspec.DecodeError:
+            self.errors["bad_line"] += 1
+
+    def established(self, conn: LoadConn, data: msgspec.Raw) -> None:
+        """``pusher:connection_established``: subscribe, or (no channel) ready."""
+        app, channel = self.opts.pusher, self.opts.subscribe
+        if channel is None or app is None:
+            if not conn.ready:
+                self.mark_ready(conn)
+            return
+        sub = self.pusher_sub
+        if not sub:
+            sub = pusherclient.subscribe_signed(app, channel, pusherclient.socket_id(data))
+        self.send(conn, sub)
 
     def mark_ready(self, conn: LoadConn) -> None:
         conn.ready = True
@@ -226,6 +274,9 @@ class Agent:
     # --- ramp -----------------------------------------------------------------------
 
     def greeting(self, user: int) -> bytes:
+        if self.opts.pusher is not None:
+            # Pusher: the client speaks once the server has (connection_established).
+            return pusherclient.upgrade(self.opts.pusher.key)
         hello = b'{"op":"hello","user":"u%d","id":1}' % user
         sub = b""
         if self.opts.subscribe:
@@ -373,7 +424,7 @@ class Agent:
             except wsclient.UpgradeFailed as exc:
                 # A refusal before the upgrade is an HTTP answer whose body is the event.
                 body = buf[buf.find(b"\r\n\r\n") + 4 :]
-                if body.startswith(b"{"):
+                if body.startswith(b"{") and self.opts.pusher is None:
                     self.on_line(conn, body)
                 else:
                     self.errors[f"upgrade refused: {exc}"] += 1
@@ -385,8 +436,9 @@ class Agent:
         payloads, pongs, closed, conn.buf = wsclient.split_frames(buf)
         if pongs:  # the peer's keepalive pings, answered at once
             self.send(conn, pongs)
+        handle = self.on_line if self.opts.pusher is None else self.on_pusher
         for payload in payloads:
-            self.on_line(conn, payload)
+            handle(conn, payload)
         if closed:
             self.close(conn, None if self.stop.is_set() else "closed_by_server")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import signal
 import sys
@@ -13,6 +14,7 @@ from ..doctor.capacity import startup_warning
 from .controller import Controller, LoadOptions, read_port_range
 from .errors import explain
 from .planner import PlanError, make_plan, parse_ip_range, parse_port_range, parse_target
+from .pusherclient import PusherApp, needs_auth
 
 
 def add_parser(sub: Any) -> None:
@@ -32,6 +34,20 @@ def add_parser(sub: Any) -> None:
         "server's heartbeat closes it unless the server has --ping-interval 0)",
     )
     p.add_argument("--ws", action="store_true", help="speak WebSocket to a websocket service")
+    p.add_argument(
+        "--pusher",
+        action="store_true",
+        help="speak Pusher protocol 7 (WebSocket) to a pusher service: connect to "
+        "/app/KEY, subscribe (--subscribe), answer pings; --broadcasts trigger events "
+        "through the Pusher REST API at --api (needs --app-id and --app-secret)",
+    )
+    p.add_argument("--app-key", help="the Pusher app's key (--pusher)")
+    p.add_argument("--app-id", help="the Pusher app's id (--pusher --broadcasts)")
+    p.add_argument(
+        "--app-secret",
+        help="the Pusher app's secret: signs REST calls and private- channel auth "
+        "(default: $MANYDOORS_APP_<ID>_SECRET)",
+    )
     p.add_argument(
         "--tls",
         action="store_true",
@@ -79,6 +95,31 @@ def add_parser(sub: Any) -> None:
     )
 
 
+def pusher_app(args: argparse.Namespace) -> PusherApp | str | None:
+    """The Pusher app of --pusher (None without it), or what is wrong with the flags."""
+    if not args.pusher:
+        given = [f for f in ("app_key", "app_id", "app_secret") if getattr(args, f)]
+        if given:
+            return f"--{given[0].replace('_', '-')} goes with --pusher"
+        return None
+    if not args.app_key:
+        return "--pusher needs --app-key"
+    if args.raw:
+        return "--pusher and --raw do not go together (a Pusher client answers pings)"
+    secret = args.app_secret
+    if secret is None and args.app_id:
+        secret = os.environ.get(f"MANYDOORS_APP_{args.app_id.upper()}_SECRET")
+    channel = args.subscribe
+    if args.broadcasts and not (args.app_id and secret and channel):
+        return "--pusher --broadcasts needs --app-id, --app-secret and --subscribe"
+    if channel and needs_auth(channel):
+        if channel.startswith("presence-"):
+            return "--pusher: presence channels are not supported (public and private- are)"
+        if not secret:
+            return f"--pusher: {channel} is private: its auth needs --app-secret"
+    return PusherApp(args.app_key, args.app_id, secret)
+
+
 def run(args: argparse.Namespace) -> int:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     fd_limit = min(args.fd_limit or hard, hard)
@@ -90,6 +131,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.broadcasts > 60:
         print("load: at most 60 --broadcasts per run", file=sys.stderr)
+        return 2
+    pusher = pusher_app(args)
+    if isinstance(pusher, str):
+        print(f"load: {pusher}", file=sys.stderr)
         return 2
     if args.connect_timeout <= 0 or args.stall_timeout <= 0:
         print("load: --connect-timeout and --stall-timeout must be positive", file=sys.stderr)
@@ -113,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     opts = LoadOptions(
         rate=args.rate,
         hold=args.hold,
-        hello=not args.raw,
+        hello=not args.raw and pusher is None,
         subscribe=args.subscribe,
         api=args.api,
         broadcasts=args.broadcasts,
@@ -121,9 +166,10 @@ def run(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout,
         fd_limit=fd_limit,
         source_ports=source_ports,
-        ws=args.ws,
+        ws=args.ws or pusher is not None,
         tls=args.tls,
         stall_timeout=args.stall_timeout,
+        pusher=pusher,
     )
     controller = Controller(plan, opts, live=sys.stderr.isatty())
     report = controller.run()

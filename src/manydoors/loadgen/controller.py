@@ -31,6 +31,8 @@ from ..node import procfs
 from .agent import REPORT_EVERY, AgentOptions, agent_main
 from .errors import explain
 from .planner import Plan
+from .pusherclient import PusherApp
+from .pusherclient import publish as pusher_publish
 
 # Until every load process has reported once, the ramp is starting (forking, imports on
 # a busy machine), not stalled: the stall clock allows it at least this long.
@@ -53,6 +55,7 @@ class LoadOptions:
     ws: bool = False
     tls: bool = False
     stall_timeout: float = 60.0  # a ramp whose counts do not move this long ends anyway
+    pusher: PusherApp | None = None  # Pusher protocol 7; publish through its REST API
 
 
 def read_port_range(root: str = "/") -> tuple[int, int]:
@@ -77,16 +80,21 @@ def machine_info() -> dict[str, Any]:
 def describe_publish_error(exc: Exception) -> str:
     """One line for a failed publish: the HTTP status and the server's reason, or the errno."""
     if isinstance(exc, urllib.error.HTTPError):
+        raw = b""
         try:
-            body = json.loads(exc.read())
+            raw = exc.read()
+            body = json.loads(raw)
         except (OSError, ValueError, http.client.HTTPException):
-            body = None  # a proxy's HTML page, or nothing
+            body = None  # a proxy's HTML page, Pusher's plain text, or nothing
         finally:
             exc.close()
         if isinstance(body, dict) and body.get("error"):
             # The API's errors read {"error": code, "reason": text}.
             reason = f": {body['reason']}" if body.get("reason") else ""
             return f"HTTP {exc.code} {body['error']}{reason}"
+        text = raw[:200].decode(errors="replace").strip()
+        if text and not text.startswith("<"):  # Pusher's REST API answers in plain text
+            return f"HTTP {exc.code} {exc.reason}: {text}"
         return f"HTTP {exc.code} {exc.reason}"
     if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, Exception):
         exc = exc.reason  # a failed connect: the OSError under it says which
@@ -168,6 +176,7 @@ class Controller:
             self.opts.source_ports,
             self.opts.ws,
             self.opts.tls,
+            self.opts.pusher,
         )
         for agent in self.plan.agents:
             mine, theirs = ctx.Pipe()
@@ -292,6 +301,14 @@ class Controller:
     def publish(self, n: int) -> None:
         assert self.opts.api
         stamp = {"t": time.time(), "n": n}
+        app = self.opts.pusher
+        if app is not None:
+            # An event's data is a string in Pusher's API: the stamp as JSON text.
+            assert self.opts.subscribe
+            data = json.dumps(stamp)
+            timeout = self.opts.delivery_timeout
+            pusher_publish(self.opts.api, app, self.opts.subscribe, data, timeout)
+            return
         target: dict[str, Any] = (
             {"channel": self.opts.subscribe} if self.opts.subscribe else {"broadcast": True}
         )

@@ -25,10 +25,19 @@ EXPLAIN: dict[str, str] = {
     "bad_line": "the server sent a line that is not a JSON event",
     "tls_failed": "the TLS handshake or session failed: is the target a TLS service? "
     "(--tls against a plain port fails so)",
+    "upgrade refused": "the server answered the WebSocket upgrade with this HTTP status: "
+    "is the target a websocket (or, with --pusher, a pusher) service?",
+    "pusher": "the server sent pusher:error with this code (4000-4099: do not reconnect, "
+    "e.g. 4001 no app with this --app-key; 4100-4199: over capacity, back off; "
+    "4200-4299: reconnect)",
+    "subscription_error": "the server refused the pusher:subscribe (401/403: a private "
+    "channel's auth is wrong: is --app-secret the app's secret?)",
 }
 
 
 def explain(name: str) -> str:
     # "tls_failed: WRONG_VERSION_NUMBER" is explained as "tls_failed"
-    known = EXPLAIN.get(name) or EXPLAIN.get(name.split(":", 1)[0])
+    # ... and "pusher 4001: ..." as "pusher"
+    head = name.split(":", 1)[0]
+    known = EXPLAIN.get(name) or EXPLAIN.get(head) or EXPLAIN.get(head.split(" ", 1)[0])
     return known or ("see errno(3)" if name.startswith("E") else "server error code")

@@ -54,16 +54,28 @@ def check_request(
     secret: str,
     now: float,
 ) -> None:
-    """Verify a signed REST request; raise SignatureError saying what is wrong."""
-    params = {k.lower(): v for k, v in query.items()}
+    """Verify a signed REST request; raise SignatureError saying what is wrong.
+
+    ``query`` is the decoded query string; a multi-valued mapping (aiohttp's) yields
+    each pair, so a parameter given twice is seen and refused: which of the two the
+    signature covered would be a guess.
+    """
+    params: dict[str, str] = {}
+    for name, value in query.items():
+        lower = name.lower()
+        if lower in params:
+            raise SignatureError(f"query parameter {lower} is given more than once")
+        params[lower] = value
     if params.get("auth_key") != key:
         raise SignatureError("auth_key is missing or not this app's key")
     version = params.get("auth_version")
     if version is not None and version != "1.0":
         raise SignatureError("auth_version must be 1.0")
     stamp = params.get("auth_timestamp", "")
-    if not stamp.isdigit():
-        raise SignatureError("auth_timestamp is missing or not a number")
+    # ASCII digits only: str.isdigit() also says yes to "²", which int() refuses, and
+    # a few digits at most (int() of thousands of digits is refused too, and slow).
+    if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):
+        raise SignatureError("auth_timestamp is missing or not a number of seconds")
     if abs(now - int(stamp)) > MAX_SKEW:
         raise SignatureError(
             f"auth_timestamp is more than {MAX_SKEW} s from the server's time {int(now)}"

@@ -20,11 +20,13 @@ from msgspec import Meta, Raw
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ..config import ApiConfig, AuthConfig, NamespaceConfig
+from ..config import ApiConfig, AppConfig, AuthConfig, NamespaceConfig
 from ..namespaces import Namespaces
 from ..protocol.ipc import exclude_head
 from ..protocol.messages import Name, page
+from ..pusher import api as pusher_api
 from .errors import StartupError
+from .pusherhooks import pusher_webhook_metrics
 
 MAX_BODY = 1024 * 1024
 STREAM_INTERVAL = 1.0  # seconds between two events of /api/stream
@@ -424,6 +426,8 @@ class _Collector:
                 yield CounterMetricFamily(f"manydoors_broker_{name}", help_, value=broker[name])
         if "webhooks" in s:
             yield from _webhook_metrics(s["webhooks"])
+        if "pusher_webhooks" in s:
+            yield from pusher_webhook_metrics(s["pusher_webhooks"])
 
 
 WEBHOOK_OUTCOMES: Final = ("delivered", "retried", "failed", "rejected", "dropped", "invalid")
@@ -530,11 +534,17 @@ def _auth_middleware(key: str, protect_stats: bool) -> Any:
 
 
 async def start_api(
-    node: NodeView, api: ApiConfig, auth: AuthConfig, namespaces: Namespaces | None = None
+    node: NodeView,
+    api: ApiConfig,
+    auth: AuthConfig,
+    namespaces: Namespaces | None = None,
+    apps: Sequence[AppConfig] = (),
 ) -> tuple[web.AppRunner, int]:
     """Serve the API for ``node`` on ``api.host:api.port``; the runner and the real port.
 
     Port 0 asks the kernel for a free port: the returned port is the one it gave.
+    With Pusher ``apps``, Pusher's REST API too (``pusher/api.py``; its own signatures,
+    not the API key).
     """
     middlewares = (
         [] if auth.api_key is None else [_auth_middleware(auth.api_key, auth.protect_stats)]
@@ -564,6 +574,9 @@ async def start_api(
             web.get("/healthz", healthz),
             web.get("/metrics", metrics),
         ]
+    )
+    pusher_api.add_routes(
+        app, apps, node.broker, busy=lambda: node.queued_to_workers() > BUSY_BYTES
     )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -33,7 +33,16 @@ SAMPLE_TIMEOUT: Final = 2.0  # seconds a worker has to answer for /api/connectio
 class NodeStats:
     """The node's figures, read on demand from its pools and its broker."""
 
-    __slots__ = ("_stopping", "broker", "fd_limit", "pools", "samples", "started", "webhooks")
+    __slots__ = (
+        "_stopping",
+        "broker",
+        "fd_limit",
+        "pools",
+        "pusher_webhooks",
+        "samples",
+        "started",
+        "webhooks",
+    )
 
     def __init__(
         self,
@@ -50,6 +59,8 @@ class NodeStats:
         self._stopping = stopping
         # The webhooks' figures (``Webhooks.stats``), set by the supervisor when it sends them.
         self.webhooks: Callable[[], object] | None = None
+        # The Pusher apps' webhooks' figures (``PusherWebhooks.stats``), likewise.
+        self.pusher_webhooks: Callable[[], object] | None = None
 
     @property
     def stopping(self) -> bool:
@@ -177,4 +188,6 @@ class NodeStats:
         }
         if self.webhooks is not None:
             out["webhooks"] = msgspec.to_builtins(self.webhooks())
+        if self.pusher_webhooks is not None:
+            out["pusher_webhooks"] = msgspec.to_builtins(self.pusher_webhooks())
         return out

@@ -41,6 +41,7 @@ from .worker import WorkerSpec, worker_main
 
 if TYPE_CHECKING:
     from ..broker.router import Router
+    from .pusherhooks import PusherWebhooks
     from .webhooks import Webhooks
 
 RESTART_BACKOFF: Final = 1.0  # seconds before restarting a worker that died young
@@ -71,27 +72,45 @@ class Supervisor:
         # What the API shows: reads self.pools (the same list) and self.stopping.
         self.view = NodeStats(self.pools, self.broker, self.fd_limit, lambda: self.stopping)
         self.webhooks: Webhooks | None = None
+        self.pusher_webhooks: PusherWebhooks | None = None  # Pusher apps' own webhooks
         self.worker_events: frozenset[str] = frozenset()  # what workers report (WorkerSpec)
         self.hook_up(router)
 
     def hook_up(self, router: Router) -> None:
-        """Send the node's events to the backend's webhook URL, if one is configured."""
+        """Send the node's events to the backend's webhook URL, if one is configured, and
+        each Pusher app's events to the app's own ``webhook_url``."""
         hooks = self.config.hooks
-        if hooks.webhook_url is None:
+        apps = [app for app in self.config.apps if app.webhook_url is not None]
+        if hooks.webhook_url is None and not apps:
             return
-        from .webhooks import CHANNEL_EVENTS, Webhooks  # aiohttp stays out of the workers
+        # aiohttp stays out of the workers: imported here, in the supervisor only.
+        from .pusherhooks import PusherWebhooks, channel_events, member_events
+        from .webhooks import CHANNEL_EVENTS, Webhooks
 
-        try:
-            webhooks = Webhooks(hooks, f"{socket.gethostname()}:{os.getpid()}")
-        except ValueError as exc:
-            raise StartupError(f"hooks: {exc}") from None
-        self.webhooks = webhooks
-        self.view.webhooks = webhooks.stats
-        self.worker_events = webhooks.events & WORKER_EVENTS
-        if webhooks.events & CHANNEL_EVENTS:
-            router.events = webhooks.channel
-        if webhooks.events & {"join", "leave"}:  # server-wide, told by the backplane
-            router.member_events = webhooks.member
+        native_channels = native_members = None
+        if hooks.webhook_url is not None:
+            try:
+                webhooks = Webhooks(hooks, f"{socket.gethostname()}:{os.getpid()}")
+            except ValueError as exc:
+                raise StartupError(f"hooks: {exc}") from None
+            self.webhooks = webhooks
+            self.view.webhooks = webhooks.stats
+            self.worker_events = webhooks.events & WORKER_EVENTS
+            if webhooks.events & CHANNEL_EVENTS:
+                native_channels = webhooks.channel
+            if webhooks.events & {"join", "leave"}:  # server-wide, told by the backplane
+                native_members = webhooks.member
+        pusher_channels = pusher_members = None
+        if apps:  # workers report client events and cache misses by the apps' own lists
+            pusher = self.pusher_webhooks = PusherWebhooks(apps, hooks)
+            self.view.pusher_webhooks = pusher.stats
+            if pusher.wants("channel_occupied", "channel_vacated"):
+                pusher_channels = pusher.channel
+            if pusher.wants("member_added", "member_removed"):
+                pusher_members = pusher.member
+        # An app's channel (names.split) goes to its app's webhooks, any other to the node's.
+        router.events = channel_events(native_channels, pusher_channels)
+        router.member_events = member_events(native_members, pusher_members)
 
     def say(self, line: str) -> None:
         print(f"manydoors: {line}", file=self.out, flush=True)
@@ -160,7 +179,10 @@ class Supervisor:
                         slot.base_fds = procfs.open_fds(int(key)) or 0
             return
         if kind == Kind.EVENT:  # connect, disconnect, join, leave: for the webhooks
-            if self.webhooks is not None:
+            if key.startswith("pusher_"):  # a Pusher app's client_event, cache_miss
+                if self.pusher_webhooks is not None:
+                    self.pusher_webhooks.worker_event(key, payload)
+            elif self.webhooks is not None:
                 self.webhooks.worker_event(key, payload, link.name.rpartition("/")[0])
             return
         self.broker.on_frame(link, kind, key, payload)
@@ -226,11 +248,13 @@ class Supervisor:
             await self.broker.close()
             raise StartupError(str(exc)) from None
         runner, self.api_port = await start_api(
-            self.view, self.config.api, self.config.auth, self.namespaces
+            self.view, self.config.api, self.config.auth, self.namespaces, self.config.apps
         )
         try:
             if self.webhooks is not None:
                 await self.webhooks.start()
+            if self.pusher_webhooks is not None:
+                await self.pusher_webhooks.start()
             for pool in self.pools:
                 for slot in pool.slots:
                     await self.spawn(pool, slot)
@@ -244,6 +268,8 @@ class Supervisor:
             await self.broker.close()
             if self.webhooks is not None:  # after the drain: its disconnects go out too
                 await self.webhooks.close()
+            if self.pusher_webhooks is not None:  # after the drain: its vacated too
+                await self.pusher_webhooks.close()
         self.say("stopped")
         return 0
 

@@ -14,6 +14,10 @@ reached, times out, or answers 5xx or 429, under the same ``webhook-id`` (the ba
 deduplicates by it); another 4xx is final. Delivery is at least once; with several
 deliveries in flight and retries, the order of events is not kept.
 
+The retries, the HTTP session and the counts of outcomes (:class:`Courier`) are
+shared with the Pusher apps' webhooks (``pusherhooks.py``). Events of a Pusher app's
+channels go there, not here.
+
 Imported only by the supervisor at run time: aiohttp stays out of the workers.
 """
 
@@ -127,21 +131,114 @@ def public_url(url: str) -> str:
 class Delivery:
     """One event on its way: its body is encoded once, its id kept across retries."""
 
-    __slots__ = ("attempts", "body", "born", "id")
+    __slots__ = ("body", "born", "id")
 
     def __init__(self, msg_id: str, body: bytes, born: float) -> None:
         self.id = msg_id
         self.body = body
         self.born = born  # monotonic time of the event
-        self.attempts = 0
 
 
-class Webhooks:
-    """Signs and sends the node's events to ``hooks.webhook_url`` from a bounded queue.
+class Courier:
+    """POSTs bodies to one URL, each until it is delivered, rejected or given up.
 
-    ``post``, ``sleep``, ``clock``, ``wall`` and ``rand`` are the world (tests pass
-    fakes); by default an aiohttp session, asyncio's sleep and the system clocks.
+    What the node's webhooks (Standard Webhooks) and the Pusher apps' webhooks
+    (``pusherhooks.py``) share: the HTTP session, the retry policy and the counts of
+    outcomes. ``post``, ``sleep``, ``clock``, ``wall`` and ``rand`` are the world (tests
+    pass fakes); by default an aiohttp session, asyncio's sleep and the system clocks.
     """
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float,
+        concurrency: int,
+        *,
+        policy: RetryPolicy | None = None,
+        post: Post | None = None,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.concurrency = concurrency
+        self.policy = policy or RetryPolicy()
+        self.own_session = post is None
+        self.post: Post = post or self._post
+        self.sleep, self.clock, self.wall, self.rand = sleep, clock, wall, rand
+        self.session: aiohttp.ClientSession | None = None
+        self.delivered = self.retried = self.failed = self.rejected = 0
+        self.last_error = ""
+
+    def open_session(self) -> None:
+        """The HTTP session the POSTs share (unless ``post`` was given)."""
+        if self.own_session and self.session is None:
+            self.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.concurrency),
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                headers={"User-Agent": USER_AGENT},
+            )
+
+    async def close_session(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    async def attempt(
+        self,
+        body: bytes,
+        born: float,
+        headers: Callable[[], Mapping[str, str]],
+        events: int = 1,
+    ) -> None:
+        """POST ``body`` until it is delivered, rejected or given up (``born``: its
+        monotonic time; ``headers``: asked again for each attempt). ``delivered``,
+        ``failed`` and ``rejected`` count ``events`` (a body may carry several);
+        ``retried`` counts attempts."""
+        policy = self.policy
+        attempts = 0
+        while True:
+            attempts += 1
+            retry_after = None
+            try:
+                status, retry_after = await self.post(body, headers())
+            except TimeoutError:
+                status, self.last_error = 0, f"no answer within {self.timeout:g} s"
+            except RETRYABLE as exc:
+                status, self.last_error = 0, f"{type(exc).__name__}: {exc}"
+            outcome = verdict(status) if status else "retry"
+            if outcome == "delivered":
+                self.delivered += events
+                return
+            if status:
+                self.last_error = f"HTTP {status}"
+            if outcome == "rejected":
+                self.rejected += events
+                return
+            wait = policy.delay(attempts, self.rand)
+            if retry_after is not None:
+                wait = max(wait, min(retry_after, policy.cap))
+            too_old = self.clock() + wait - born > policy.max_age
+            if attempts >= policy.max_attempts or too_old:
+                self.failed += events
+                return
+            self.retried += 1
+            await self.sleep(wait)
+
+    async def _post(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, float | None]:
+        assert self.session is not None
+        async with self.session.post(
+            self.url, data=body, headers=headers, allow_redirects=False
+        ) as resp:
+            await resp.read()  # read to the end: the connection goes back to the pool
+            return resp.status, _seconds(resp.headers.get("Retry-After"))
+
+
+class Webhooks(Courier):
+    """Signs and sends the node's events to ``hooks.webhook_url`` from a bounded queue,
+    one event a POST, ``concurrency`` POSTs at once."""
 
     def __init__(
         self,
@@ -158,28 +255,29 @@ class Webhooks:
     ) -> None:
         if hooks.webhook_url is None or not hooks.webhook_secret:
             raise ValueError("webhooks need webhook_url and webhook_secret")
-        self.url = hooks.webhook_url
+        super().__init__(
+            hooks.webhook_url,
+            hooks.timeout,
+            hooks.concurrency,
+            policy=policy,
+            post=post,
+            sleep=sleep,
+            clock=clock,
+            wall=wall,
+            rand=rand,
+        )
         self.key = secret_key(hooks.webhook_secret)
         self.events = frozenset(hooks.webhook_events)
         self.node = node
-        self.timeout = hooks.timeout
-        self.concurrency = hooks.concurrency
-        self.policy = policy or RetryPolicy()
         self.flush_timeout = flush_timeout
         self.queue: asyncio.Queue[Delivery] = asyncio.Queue(hooks.queue_size)
-        self.own_session = post is None
-        self.post: Post = post or self._post
-        self.sleep, self.clock, self.wall, self.rand = sleep, clock, wall, rand
         # Ids unique across nodes and restarts without a syscall per event.
         prefix = f"msg_{secrets.token_hex(8)}_"
         self.ids = (f"{prefix}{n:x}" for n in itertools.count(1))
-        self.session: aiohttp.ClientSession | None = None
         self.senders: list[asyncio.Task[None]] = []
         self.closing = False
         self.in_flight = 0
-        self.delivered = self.retried = self.failed = self.rejected = 0
         self.dropped = self.invalid = 0
-        self.last_error = ""
 
     # --- events in ---------------------------------------------------------------------
 
@@ -229,12 +327,7 @@ class Webhooks:
 
     async def start(self) -> None:
         """Start ``concurrency`` senders (and the HTTP session they share)."""
-        if self.own_session:
-            self.session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.concurrency),
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-                headers={"User-Agent": USER_AGENT},
-            )
+        self.open_session()
         self.senders = [asyncio.create_task(self._send()) for _ in range(self.concurrency)]
 
     async def _send(self) -> None:
@@ -253,49 +346,17 @@ class Webhooks:
 
     async def _deliver(self, d: Delivery) -> None:
         """Attempt ``d`` until it is delivered, rejected or given up."""
-        policy = self.policy
-        while True:
-            d.attempts += 1
+
+        def headers() -> dict[str, str]:
             stamp = int(self.wall())  # each attempt is signed at its own time
-            headers = {
+            return {
                 "content-type": "application/json",
                 "webhook-id": d.id,
                 "webhook-timestamp": str(stamp),
                 "webhook-signature": sign(self.key, d.id, stamp, d.body),
             }
-            retry_after = None
-            try:
-                status, retry_after = await self.post(d.body, headers)
-            except TimeoutError:
-                status, self.last_error = 0, f"no answer within {self.timeout:g} s"
-            except RETRYABLE as exc:
-                status, self.last_error = 0, f"{type(exc).__name__}: {exc}"
-            outcome = verdict(status) if status else "retry"
-            if outcome == "delivered":
-                self.delivered += 1
-                return
-            if status:
-                self.last_error = f"HTTP {status}"
-            if outcome == "rejected":
-                self.rejected += 1
-                return
-            wait = policy.delay(d.attempts, self.rand)
-            if retry_after is not None:
-                wait = max(wait, min(retry_after, policy.cap))
-            too_old = self.clock() + wait - d.born > policy.max_age
-            if d.attempts >= policy.max_attempts or too_old:
-                self.failed += 1
-                return
-            self.retried += 1
-            await self.sleep(wait)
 
-    async def _post(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, float | None]:
-        assert self.session is not None
-        async with self.session.post(
-            self.url, data=body, headers=headers, allow_redirects=False
-        ) as resp:
-            await resp.read()  # read to the end: the connection goes back to the pool
-            return resp.status, _seconds(resp.headers.get("Retry-After"))
+        await self.attempt(d.body, d.born, headers)
 
     async def close(self) -> None:
         """Stop taking events; deliver what is queued for at most ``flush_timeout``
@@ -314,9 +375,7 @@ class Webhooks:
         while not self.queue.empty():
             self.queue.get_nowait()
             self.queue.task_done()
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+        await self.close_session()
 
     def stats(self) -> WebhookStats:
         """The figures of /api/stats and /metrics."""
