@@ -6,20 +6,14 @@ import base64
 import json
 import os
 import re
-import shutil
 import socket
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from support.wait import wait_for
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 # The README's screenshot is refreshed only on request (MANYDOORS_SCREENSHOT=1), so a
 # test run leaves the working tree as it found it.
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
@@ -74,48 +68,7 @@ def test_shutdown_is_not_held_by_an_open_stream(serve):
             pass
 
 
-# --- the page in headless Chromium ----------------------------------------------------
-
-
-@pytest.fixture
-def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
-    if missing:
-        message = f"{' and '.join(missing)} not installed: apt-get install chromium chromium-driver"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    # The paths are given, so Selenium Manager has nothing to find; offline in any case.
-    monkeypatch.setenv("SE_OFFLINE", "true")
-    monkeypatch.setenv("SE_AVOID_STATS", "true")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1440,1000",
-        "--hide-scrollbars",
-        f"--user-data-dir={tmp_path / 'chromium'}",
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(
-        service=Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "driver.log")),
-        options=options,
-    )
-    try:
-        yield driver
-    finally:
-        driver.quit()
+# --- the page in headless Chromium (the browser fixture: conftest.py) --------------
 
 
 def shown_number(driver: Any, element_id: str) -> int | None:

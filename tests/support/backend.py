@@ -32,7 +32,7 @@ class HttpBackend:
 
     async def _up(self) -> None:
         app = web.Application()
-        app.router.add_post(self.path, self.handle)
+        self.routes(app)
         self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
@@ -49,6 +49,10 @@ class HttpBackend:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+    def routes(self, app: web.Application) -> None:
+        """The paths served: ``path`` by ``handle`` unless a subclass says more."""
+        app.router.add_post(self.path, self.handle)
 
     async def handle(self, request: web.Request) -> web.Response:
         raise NotImplementedError
