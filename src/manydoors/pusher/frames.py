@@ -67,8 +67,9 @@ _ERROR: Final[dict[str, int | None]] = {
 
 
 def close_code(reason: str) -> int:
-    """The close code for a bye ``reason`` (the API's own reasons: unauthorized)."""
-    return _CLOSE.get(reason, UNAUTHORIZED if reason not in ("closed",) else RECONNECT)
+    """The close code for a bye ``reason``; any other (the API's disconnect and
+    terminate_connections give their own) is 4009: pusher-js must not reconnect."""
+    return _CLOSE.get(reason, UNAUTHORIZED)
 
 
 # --- client events in ----------------------------------------------------------------
