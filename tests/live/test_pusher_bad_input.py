@@ -17,22 +17,20 @@ from typing import Any
 
 import pytest
 
-from support.pusherfix import APP, SMALL, SMALL_MEMBERS, App, client_config, pysher_client
+from support.pusherfix import (
+    APP,
+    SMALL,
+    SMALL_MEMBERS,
+    App,
+    client_config,
+    pysher_client,
+    start_client,
+    subscribe,
+)
 from support.server import Server
 from support.wait import wait_for
 
 TOO_BIG = "x" * (11 * 1024)  # over the 10 KB of an event's data (Pusher's limit)
-
-
-def start_client(peers, node: Server, backend, user: str = "anonymous", app: App = APP):
-    peer = peers.start("pusher_client.js", client_config(node.port("pusher"), backend, user, app))
-    peer.connected()
-    return peer
-
-
-def subscribe(peer, channel: str) -> dict[str, Any]:
-    peer.send("subscribe", channel=channel)
-    return peer.wait("subscribed", channel=channel)
 
 
 def url(node: Server, key: str = APP.key, query: str = "protocol=7&client=js&version=8.6.0"):

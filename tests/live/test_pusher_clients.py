@@ -18,23 +18,14 @@ from support.pusherfix import (
     PusherBackend,
     client_config,
     pysher_client,
+    start_client,
+    subscribe,
     user_info,
 )
 from support.server import Server
 from support.wait import wait_for
 
 SOCKET_ID = re.compile(r"\d+\.\d+")
-
-
-def start_client(peers, node: Server, backend: PusherBackend, user: str = "anonymous", app=APP):
-    peer = peers.start("pusher_client.js", client_config(node.port("pusher"), backend, user, app))
-    peer.connected()
-    return peer
-
-
-def subscribe(peer, channel: str) -> dict[str, Any]:
-    peer.send("subscribe", channel=channel)
-    return peer.wait("subscribed", channel=channel)
 
 
 def test_pusher_js_connects_with_a_pusher_socket_id_and_activity_timeout(

@@ -9,20 +9,8 @@ import json
 import subprocess
 from typing import Any
 
-from support.pusherfix import APP, NODE_DIR, OTHER, client_config
-from support.server import Server
+from support.pusherfix import APP, NODE_DIR, OTHER, start_client, subscribe
 from support.wait import wait_for
-
-
-def start_client(peers, node: Server, backend, user: str = "anonymous", app=APP):
-    peer = peers.start("pusher_client.js", client_config(node.port("pusher"), backend, user, app))
-    peer.connected()
-    return peer
-
-
-def subscribe(peer, channel: str) -> dict[str, Any]:
-    peer.send("subscribe", channel=channel)
-    return peer.wait("subscribed", channel=channel)
 
 
 def test_trigger_to_several_channels_and_trigger_batch(pusher_node, pusher_backend, peers):

@@ -355,3 +355,18 @@ def client_config(
         "userAuthEndpoint": backend.url + "/pusher/user-auth",
         "headers": {"X-User": user, "X-App-Key": app.key},
     }
+
+
+def start_client(
+    peers: Peers, node: Any, backend: PusherBackend, user: str = "anonymous", app: App = APP
+) -> NodePeer:
+    """pusher-js (tests/node/pusher_client.js) connected to ``node``'s pusher service."""
+    peer = peers.start("pusher_client.js", client_config(node.port("pusher"), backend, user, app))
+    peer.connected()
+    return peer
+
+
+def subscribe(peer: NodePeer, channel: str) -> dict[str, Any]:
+    """Subscribe ``peer`` to ``channel``; what pusher-js reported on success."""
+    peer.send("subscribe", channel=channel)
+    return dict(peer.wait("subscribed", channel=channel))
