@@ -417,7 +417,8 @@ def test_startup_warning_names_the_binding_limit_only_when_it_binds_first(tmp_pa
 
 def test_json_report_has_exactly_the_documented_shape(tmp_path, capsys):
     root = make_root(tmp_path)
-    assert doctor(root, "--json", "--role", "both", rlimit=RLIMIT_HIGH) == 0
+    # The heartbeat's share depends on this machine's cores: off here, tested below.
+    assert doctor(root, "--json", "--role", "both", "--ping-interval", "0", rlimit=RLIMIT_HIGH) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report) == {"target", "max_connections", "binding_limit", "checks"}
     assert report["target"] == 1_000_000
@@ -525,3 +526,16 @@ def test_doctor_on_the_real_machine_agrees_with_getrlimit_and_the_port_range(tmp
 def test_every_role_reports_on_an_empty_root_without_crashing(tmp_path, capsys, role):
     assert doctor(tmp_path, "--role", role, "--json") in (0, 1)
     assert json.loads(capsys.readouterr().out)["target"] == 1_000_000
+
+
+def test_the_heartbeat_check_says_what_the_pings_cost_and_the_interval_that_fits() -> None:
+    from manydoors.doctor.advice import check_heartbeat
+    from manydoors.doctor.capacity import Scenario
+
+    busy = check_heartbeat(Scenario(target=1_000_000, ping_interval=25, cores=2))
+    assert busy.status == "warn"  # 40,000 pings/s x 13 us = 26 % of 2 cores
+    assert "40,000 pings/s" in busy.why and "26% of 2 cores" in busy.why
+    assert busy.needed == ">= 65 s" and "ping_interval = 65" in busy.fix
+    assert check_heartbeat(Scenario(target=1_000_000, ping_interval=65, cores=2)).status == "ok"
+    assert check_heartbeat(Scenario(target=1_000_000, ping_interval=5, cores=2)).status == "fail"
+    assert check_heartbeat(Scenario(target=1_000_000, ping_interval=0, cores=2)).current == "off"

@@ -388,6 +388,39 @@ def check_kernel(limits: Limits, scen: Scenario) -> Check:
     return Check("kernel", limits.kernel, needed, status, why, fix, cannot=cannot)
 
 
+# Server CPU per heartbeat (a ping written, its pong read), measured with 20,000 held
+# TCP connections and ping_interval 2 s: 12.7-13.3 us (docs/benchmarks.md, issue 18).
+PING_PONG_SECONDS: Final = 13e-6
+HEARTBEAT_SHARE: Final = 0.10  # of the cores: more than this and the heartbeat is a load
+
+
+def check_heartbeat(scen: Scenario) -> Check:
+    """The heartbeat's CPU: every quiet connection is pinged each ping_interval."""
+    name = "heartbeat"
+    if scen.ping_interval <= 0:
+        why = "off (ping_interval 0): dead peers are found by TCP keepalive (~7 minutes)."
+        return Check(name, "off", "-", OK, why, "-")
+    per_second = scen.target / scen.ping_interval
+    share = per_second * PING_PONG_SECONDS / scen.cores
+    slowest = scen.target * PING_PONG_SECONDS / (HEARTBEAT_SHARE * scen.cores)
+    why = (
+        f"{scen.target:,} connections / ping_interval {scen.ping_interval:g} s = "
+        f"{per_second:,.0f} pings/s x {PING_PONG_SECONDS * 1e6:g} us (a ping and its pong) = "
+        f"{share:.0%} of {scen.cores} cores"
+    )
+    if share <= HEARTBEAT_SHARE:
+        return Check(name, f"{scen.ping_interval:g} s", "-", OK, why + ".", "-")
+    fix = (
+        f"ping_interval = {math.ceil(slowest)} (or more) keeps it to "
+        f"{HEARTBEAT_SHARE:.0%}; a dead peer is then found within ping_interval + "
+        "ping_timeout. 0 leaves it to TCP keepalive."
+    )
+    status = WARN if share <= 3 * HEARTBEAT_SHARE else FAIL
+    return Check(
+        name, f"{scen.ping_interval:g} s", f">= {math.ceil(slowest)} s", status, why + ".", fix
+    )
+
+
 def checks(limits: Limits, scen: Scenario, cap: Capacity, costs: Costs) -> list[Check]:
     """Every check that matters for the scenario's role, in the order to read them."""
     out: list[Check] = []
@@ -406,6 +439,8 @@ def checks(limits: Limits, scen: Scenario, cap: Capacity, costs: Costs) -> list[
     if conntrack is not None:
         out.append(conntrack)
     out.append(check_kernel(limits, scen))
+    if "server" in scen.sides:
+        out.append(check_heartbeat(scen))
     return out
 
 

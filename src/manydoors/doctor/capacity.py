@@ -104,6 +104,8 @@ class Scenario:
     fd_limit: int | None = None  # a per-process limit below the hard one (--fd-limit)
     servers: tuple[tuple[str, int], ...] = (("127.0.0.1", 7000),)
     source_ips: int | None = None  # None: loopback sources as needed, as `load` does
+    ping_interval: float = ServiceConfig().ping_interval  # the services' heartbeat (0: off)
+    cores: int = os.cpu_count() or 1
 
     @property
     def sides(self) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config import ServiceConfig
 from ..node.addresses import PlanError, parse_ip_range, parse_port_range, parse_target
 from ..node.procfs import read_ints, sysctl_path
 from .advice import FAIL, OK, WARN, Check, NotRoot, apply, checks, plan_apply, report
@@ -51,6 +52,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--server", default="127.0.0.1:7000", help="HOST:PORT[-PORT] clients reach")
     p.add_argument("--source-ips", help="client source addresses (default: loopback, as needed)")
     p.add_argument("--store", help=f"measured costs (default {default_store()})")
+    p.add_argument(
+        "--ping-interval",
+        type=float,
+        default=ServiceConfig().ping_interval,
+        help="the services' heartbeat in seconds (0: off): its CPU at the target",
+    )
     dsub = p.add_subparsers(dest="doctor_command")
     plan = dsub.add_parser("plan", help="the 5-tuple arithmetic: how many connections fit")
     plan.add_argument("--clients", required=True, help="source IPs, e.g. 127.0.1.1-127.0.1.40")
@@ -104,6 +111,7 @@ def run_checks(args: argparse.Namespace, euid: int, getrlimit: GetRlimit) -> int
         backlog=args.backlog,
         servers=parse_target(args.server),
         source_ips=len(parse_ip_range(args.source_ips)) if args.source_ips else None,
+        ping_interval=args.ping_interval,
     )
     costs = load_costs(Path(args.store) if args.store else None)
     cap = capacity(limits, scen, costs)
