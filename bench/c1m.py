@@ -1,7 +1,7 @@
 """The 1M benchmark: a million connections held on this machine, then broadcast to.
 
     ./run bench c1m [--connections 1000000] [--rate 30000] [--hold 60] [--broadcasts 3]
-                    [--ws | --pusher]
+                    [--ws | --pusher] [--no-floor | --floor-only | --floor-after]
 
 Starts a server sized for the count and the load generator on this same machine,
 ramps, holds, broadcasts, stops everything, and writes to bench/results/:
@@ -16,6 +16,18 @@ tree at the first publish, and the load's line for the last message ends the cou
 --pusher: a ``protocol = "pusher"`` service; every connection speaks Pusher protocol 7
 and subscribes to one public channel, and each broadcast is an event triggered through
 the Pusher REST API (``POST /apps/{id}/events``, signed), timed as the others.
+
+The floor, in the same invocation (bench/floor): a C epoll server and a C client
+(built with ``cc``), sized as manydoors and its load generator are (server processes
+as the supervisor sizes its pool, client processes and source IPs from the load
+generator's plan), asked for the same count at the same rate, the same number of
+broadcasts. It runs before manydoors (``--floor-after``: after), never beside it, and
+the next run starts once the kernel has closed the sockets of the first. c1m.json then
+has a ``floor`` section and ``ratios``, manydoors/floor: held, ramp, server CPU per
+connection, time to all, CPU per million deliveries, memory; the table is printed.
+``--no-floor`` skips it; ``--floor-only`` runs only the floor (saved as NAME-floor.json).
+The floor speaks neither WebSocket nor Pusher: with --ws or --pusher it is the same raw
+TCP floor, and the ratio says what the protocol costs on top of the kernel.
 """
 
 from __future__ import annotations
@@ -25,14 +37,17 @@ import json
 import os
 import sys
 import time
+import traceback
 from typing import Any
 
 from _common import PUSHER_APP, RESULTS, get, machine, pusher_flags, save, server, source
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peers"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "floor"))
 from _drive import STALL_S, Proxy, Readings, broadcast_cpu, run_load
-from _procs import Reaper
+from _procs import Reaper, usage
 
+import floor
 from manydoors.node import procfs
 
 SAMPLE_EVERY = 3.0  # seconds between two readings of the peak (stats, RSS, slab)
@@ -43,38 +58,8 @@ def rss(pids: list[int]) -> int:
     return sum(procfs.rss(pid) or 0 for pid in pids)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--connections", type=int, default=1_000_000)
-    p.add_argument(
-        "--rate",
-        type=int,
-        help="connections asked per second (default 30,000; with --pusher 3,000: asked "
-        "30,000 the Pusher ramp outran what 2 cores greet within the load generator's "
-        "10 s connect timeout, and 127,386 of 1M got no answer, docs/benchmarks.md)",
-    )
-    p.add_argument("--hold", type=float, default=60)
-    p.add_argument("--broadcasts", type=int, default=3)
-    p.add_argument("--name", help="of the result files (default: c1m; with --pusher c1m-pusher)")
-    p.add_argument("--ws", action="store_true", help="a websocket service, driven over WebSocket")
-    p.add_argument(
-        "--pusher",
-        action="store_true",
-        help="a pusher service, driven in Pusher protocol 7, broadcast to through its REST API",
-    )
-    p.add_argument(
-        "--ping-interval",
-        default="0",
-        help="the server's heartbeat (default 0: off). At 1M its default 25 s is 40,000 "
-        "pings/s and as many pongs: on 2 cores that starves the ramp (docs/benchmarks.md)",
-    )
-    args = p.parse_args()
-    if args.ws and args.pusher:
-        p.error("--ws or --pusher, not both")
-    if args.name is None:
-        args.name = "c1m-pusher" if args.pusher else "c1m"
-    if args.rate is None:
-        args.rate = 3_000 if args.pusher else 30_000
+def manydoors_run(args: argparse.Namespace) -> dict[str, Any]:
+    """The server and the load generator: ramp, hold, broadcast, stop; the summary."""
     n = args.connections
     paths = {
         k: os.path.join(RESULTS, f"{args.name}{k}") for k in ("-load.json", ".png", "-stats.json")
@@ -90,7 +75,9 @@ def main() -> int:
     with server(*flags, args.ping_interval, *proto) as srv:
         pids = srv.worker_pids()
         server_base = rss([*pids, srv.proc.pid])
-        readings = Readings(Reaper(srv.proc.pid).look, args.broadcasts)
+        reaper = Reaper(srv.proc.pid)
+        at_rest = usage(reaper.look())  # the server's CPU before the first connection
+        readings = Readings(reaper.look, args.broadcasts)
         next_sample = 0.0
 
         def sample() -> None:  # called by run_load about once a second
@@ -146,6 +133,7 @@ def main() -> int:
             "protocol": "pusher" if args.pusher else "websocket" if args.ws else "tcp",
             "ping_interval": float(args.ping_interval),
         },
+        "held": held,
         "connections": report["connections"],
         "errors": report["errors"],
         "ramp_per_second": report["rate_achieved"],
@@ -173,6 +161,13 @@ def main() -> int:
         "load_exit": run.code,
         "server_refused": final_stats["refused"],
     }
+    # Server CPU from rest until every connection is held and subscribed (accept,
+    # welcome, hello, sub: what a reconnect storm costs), as bench/peers.py reports it.
+    ready_at = readings.at.get("held") or readings.at.get("ramp_done")
+    if ready_at and held:
+        result["server"]["cpu_us_per_connection"] = round(
+            (ready_at.cpu_s - at_rest.cpu_s) / held * 1e6, 1
+        )
     cpu = broadcast_cpu(readings.at, report["deliveries"])
     if cpu:
         result["cpu"] = cpu
@@ -181,9 +176,89 @@ def main() -> int:
         notes.append(f"a publish call got no answer from the server: {proxy.failed}")
     if notes:
         result["notes"] = notes
+    return result
+
+
+def floor_run(args: argparse.Namespace) -> dict[str, Any]:
+    """The C floor at the same count, rate and broadcasts; {"error": ...} if it cannot run."""
+    try:
+        return floor.run(args.connections, args.rate, args.broadcasts)
+    except Exception as exc:  # the floor failing must not cost the manydoors run
+        traceback.print_exc()
+        print(f"c1m: the floor did not run: {exc!r}", file=sys.stderr)
+        return {"error": repr(exc)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--connections", type=int, default=1_000_000)
+    p.add_argument(
+        "--rate",
+        type=int,
+        help="connections asked per second (default 30,000; with --pusher 3,000: asked "
+        "30,000 the Pusher ramp outran what 2 cores greet within the load generator's "
+        "10 s connect timeout, and 127,386 of 1M got no answer, docs/benchmarks.md)",
+    )
+    p.add_argument("--hold", type=float, default=60)
+    p.add_argument("--broadcasts", type=int, default=3)
+    p.add_argument("--name", help="of the result files (default: c1m; with --pusher c1m-pusher)")
+    p.add_argument("--ws", action="store_true", help="a websocket service, driven over WebSocket")
+    p.add_argument(
+        "--pusher",
+        action="store_true",
+        help="a pusher service, driven in Pusher protocol 7, broadcast to through its REST API",
+    )
+    p.add_argument(
+        "--ping-interval",
+        default="0",
+        help="the server's heartbeat (default 0: off). At 1M its default 25 s is 40,000 "
+        "pings/s and as many pongs: on 2 cores that starves the ramp (docs/benchmarks.md)",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--no-floor", action="store_true", help="skip the C floor (bench/floor) and the ratios"
+    )
+    where.add_argument(
+        "--floor-only", action="store_true", help="run only the C floor (saved as NAME-floor)"
+    )
+    where.add_argument(
+        "--floor-after", action="store_true", help="run the floor after manydoors, not before"
+    )
+    args = p.parse_args()
+    if args.ws and args.pusher:
+        p.error("--ws or --pusher, not both")
+    if args.name is None:
+        args.name = "c1m-pusher" if args.pusher else "c1m"
+    if args.rate is None:
+        args.rate = 3_000 if args.pusher else 30_000
+    n = args.connections
+    if args.floor_only:
+        result = {"machine": machine(), "source": source(), **floor_run(args)}
+        print(json.dumps(result, indent=1))
+        print(f"saved {save(args.name + '-floor', result)}", file=sys.stderr)
+        return 0 if result.get("held") == n and not result.get("errors") else 1
+    inuse = procfs.tcp_sockstat().get("inuse", 0)
+    found: dict[str, Any] | None = None
+    if not args.no_floor and not args.floor_after:
+        found = floor_run(args)
+        floor.settle(inuse)
+    result = manydoors_run(args)
+    if not args.no_floor and args.floor_after:
+        floor.settle(inuse)
+        found = floor_run(args)
+    if found is not None:
+        result["floor"] = found
+        result["floor_order"] = "after" if args.floor_after else "before"
+        if "error" not in found:
+            ours, theirs = floor.figures(result), floor.figures(found)
+            result["ratios"] = floor.ratios(ours, theirs)
+            result["ratio_table"] = floor.ratio_table(ours, theirs)
     print(json.dumps(result, indent=1))
+    if "ratio_table" in result:
+        print(result["ratio_table"], file=sys.stderr)
     print(f"saved {save(args.name, result)}", file=sys.stderr)
-    return 0 if held == n and not report["errors"] else 1
+    held = result["held"]
+    return 0 if held == n and not result["errors"] else 1
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@
                       [--broadcasts 3] [--messages 50000] [--peer-workers N] [--no-cap]
 
 Runs each server in turn on this machine (names: ``manydoors-tcp manydoors-ws
-manydoors-tcp-1p asyncio uvloop websockets node-ws aiohttp``; the peers are in
+manydoors-tcp-1p asyncio uvloop websockets node-ws aiohttp floor``; the peers are in
 ``bench/peers/``; ``manydoors-tcp-1p`` is manydoors asked for what a single-process
-peer is asked for, so that every column compares at equal count), every one
+peer is asked for, so that every column compares at equal count; ``floor`` is the C
+reference of ``bench/floor``, server *and* client in C, see below), every one
 with listen backlog 4096, no keepalive pings and no per-connection rate limits
 (manydoors' are turned off), and for each:
 
@@ -37,7 +38,17 @@ recipient had it, deliveries/s and p99 latency; 1:1 messages/s; server CPU secon
 (user + system, all processes) per million deliveries. Load generator and server
 share the machine's cores. Writes bench/results/peers.json (``--name``) and prints
 the Markdown table, with a last row for manydoors at 1,000,000 from the last ``./run
-bench c1m`` (bench/results/c1m.json, a separate run) when there is one.
+bench c1m`` (bench/results/c1m.json, a separate run) when there is one, and one for
+the floor at 1,000,000 when that run had it.
+
+The ``floor`` row is not driven by ``manydoors load``: ``bench/floor`` runs its C
+epoll server (as many SO_REUSEPORT processes as manydoors gets workers) and its C
+client (as many processes and source IPs as the load generator's plan), asked for the
+same count, rate and broadcasts; a connection is ready at its welcome line (no hello,
+no sub) and there is no 1:1 figure. With it in the run, the results get ``ratios``:
+each manydoors row at the floor's count over the floor (held, ramp, server CPU per
+connection, time to all, CPU per million deliveries, user space per connection),
+printed as a table after the main one.
 """
 
 from __future__ import annotations
@@ -60,10 +71,14 @@ from typing import Any
 
 from _common import RESULTS, machine, save, server, source
 from manydoors.launch import stop
+from manydoors.node import procfs
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peers"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "floor"))
 from _drive import STALL_S, Proxy, Readings, broadcast_cpu, one_to_one, run_load
 from _procs import FD_MARGIN, Reaper, Usage, fd_room, nofile, open_fds, usage
+
+import floor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEERS_DIR = os.path.join(HERE, "peers")
@@ -79,6 +94,7 @@ class Peer:
     script: str | None = None  # bench/peers/SCRIPT (None: manydoors itself)
     node: bool = False
     one_process_count: bool = False  # manydoors asked for what one process holds
+    floor: bool = False  # bench/floor: C server and C client, not driven by manydoors load
 
 
 _MANYDOORS = (
@@ -121,7 +137,18 @@ PEERS: dict[str, Peer] = {
         _SINGLE.format(why="gunicorn's aiohttp workers share no broadcast"),
         "aiohttp_server.py",
     ),
+    "floor": Peer(
+        "floor: C epoll server + C client (bench/floor)",
+        False,
+        "master + {holders} SO_REUSEPORT epoll workers",
+        floor=True,
+    ),
 }
+FLOOR_NOTE = (
+    "the floor of this machine, not a peer: a C epoll server that accepts, writes a welcome "
+    "line and on a broadcast one line to every connection, driven by a C client (bench/floor) "
+    "instead of manydoors load: ready at the welcome (no hello, no sub), no 1:1"
+)
 
 # manydoors' limits for a public server are off: the peers have none, and the 1:1
 # publisher would be throttled (max_messages_per_second) and the heartbeat would ping
@@ -228,6 +255,10 @@ def measure(key: str, peer: Peer, args: argparse.Namespace, workdir: str) -> dic
     per_process = os.sysconf("SC_OPEN_MAX") - FD_RESERVE
     workers = args.peer_workers or max(os.cpu_count() or 1, math.ceil(n * 1.05 / per_process))
     row: dict[str, Any] = {"peer": key, "server": peer.label, "ws": peer.ws, "notes": []}
+    if peer.floor:
+        floor.settle(args.tcp_inuse)  # the kernel has closed the last server's sockets
+        found = floor.run(n, args.rate, args.broadcasts, server_procs=workers)
+        return {**floor_row(found, peer.label), "peer": key}
     if peer.node:
         why = _node_ready()
         if why:
@@ -390,6 +421,25 @@ def figures(
         )
 
 
+def c1m_floor_row() -> dict[str, Any] | None:
+    """The floor at c1m's count, from the last ``./run bench c1m``, if it ran the floor."""
+    path = os.path.join(RESULTS, "c1m.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        c1m = json.load(f)
+    found = c1m.get("floor")
+    if not found or "error" in found:
+        return None
+    when = c1m["machine"]["date"]
+    commit = (c1m.get("source") or {}).get("commit")
+    when += f", commit {commit[:7]}" if commit else ""
+    n = found["connections"]["target"]
+    label = f"floor, {n:,} (from `./run bench c1m`, {when})"
+    note = f"the same invocation as the c1m row: {FLOOR_NOTE}"
+    return floor_row(found, label, note)
+
+
 def c1m_row() -> dict[str, Any] | None:
     """manydoors at 1,000,000, from the last ``./run bench c1m`` (a separate run), if any."""
     path = os.path.join(RESULTS, "c1m.json")
@@ -445,6 +495,104 @@ def c1m_row() -> dict[str, Any] | None:
     if cpu:
         row["cpu"] = cpu  # measured as figures() does for a row of this run
     return row
+
+
+def floor_row(found: dict[str, Any], label: str, note: str = FLOOR_NOTE) -> dict[str, Any]:
+    """A row of the table from a ``floor.run`` result."""
+    srv = found["server"]
+    workers = srv["processes"] - 1
+    n = found["connections"]["target"]
+    row: dict[str, Any] = {
+        "peer": "floor",
+        "server": label,
+        "ws": False,
+        "processes": {
+            "total": srv["processes"],
+            "holding_connections": workers,
+            "mode": PEERS["floor"].processes.format(holders=workers),
+        },
+        "baseline": {
+            "rss_bytes": srv["rss_bytes_at_start"],
+            "pss_bytes": srv["pss_bytes_at_start"],
+        },
+        "connections": {
+            "asked": n,
+            "requested": n,
+            "held": found["held"],
+            "peak": found["connections"]["peak"],
+            "final": found["connections"]["final"],
+        },
+        "errors": found["errors"],
+        "accept": {
+            "rate_per_s": found["ramp_per_second"],
+            "connect_ms": found["connect_ms"],
+            "server_cpu_us_per_connection": srv["cpu_us_per_connection"],
+        },
+        "broadcast": [
+            {
+                "n": d["n"],
+                "expected": d["expected"],
+                "received": d["received"],
+                "time_to_all_ms": d["max_ms"],
+                "per_second": d["per_second"],
+                "p50_ms": d["p50_ms"],
+                "p99_ms": d["p99_ms"],
+            }
+            for d in found["deliveries"]
+        ],
+        "memory": {
+            "rss_bytes": srv["rss_bytes_at_held"],
+            "rss_growth_bytes": srv["rss_bytes_at_held"] - srv["rss_bytes_at_start"],
+            "per_connection_bytes": srv["user_bytes_per_connection"],
+        },
+        "one_to_one": {},
+        "notes": [note],
+        "floor": found,
+    }
+    if "cpu" in found:
+        row["cpu"] = found["cpu"]
+    if found["errors"]:
+        row["notes"].append(
+            "errors: " + ", ".join(f"{k} {v:,}" for k, v in found["errors"].items())
+        )
+    if found.get("stalled"):
+        row["notes"].append("the ramp stalled: held what was open")
+    return row
+
+
+def row_figures(row: dict[str, Any]) -> dict[str, Any]:
+    """A row's figures as ``floor.figures`` names them (peers measure no load memory)."""
+    accept, cpu = row.get("accept", {}), row.get("cpu", {})
+    return {
+        "held": row["connections"].get("held"),
+        "ramp_per_second": accept.get("rate_per_s"),
+        "server_cpu_us_per_connection": accept.get("server_cpu_us_per_connection"),
+        "time_to_all_ms": [d["time_to_all_ms"] for d in row.get("broadcast", [])],
+        "cpu_s_per_million_deliveries": cpu.get("per_million_deliveries_s"),
+        "server_user_bytes_per_connection": row.get("memory", {}).get("per_connection_bytes"),
+        "user_bytes_per_connection_pair": None,
+        "kernel_bytes_per_connection_pair": None,
+    }
+
+
+def floor_ratios(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """manydoors/floor for every manydoors row held at the floor's count; and the tables."""
+    base = next((r for r in rows if r.get("peer") == "floor" and "floor" in r), None)
+    if base is None:
+        return {}, ""
+    out: dict[str, Any] = {}
+    tables = []
+    theirs = row_figures(base)
+    for r in rows:
+        if not str(r.get("peer", "")).startswith("manydoors") or "processes" not in r:
+            continue
+        if r["connections"].get("requested") != base["connections"]["requested"]:
+            continue  # another count (manydoors-tcp-1p): not comparable
+        ours = row_figures(r)
+        out[r["peer"]] = floor.ratios(ours, theirs)
+        table = floor.ratio_table(ours, theirs, r["peer"])
+        tables.append(f"{r['server']} / floor:\n\n{table}")
+    return out, "\n\n".join(tables)
 
 
 # --- the table -----------------------------------------------------------------------------
@@ -538,6 +686,7 @@ def main() -> int:
     )
     p.add_argument("--name", default="peers", help="results file bench/results/NAME.json")
     args = p.parse_args()
+    args.tcp_inuse = procfs.tcp_sockstat().get("inuse", 0)  # before any server here
     keys = [k.strip() for k in args.peers.split(",") if k.strip()]
     unknown = [k for k in keys if k not in PEERS]
     if unknown:
@@ -558,6 +707,11 @@ def main() -> int:
     extra = c1m_row()
     if extra:
         result["c1m_row"] = extra
+    extras = [extra] if extra else []
+    c1m_floor = c1m_floor_row()
+    if c1m_floor:
+        result["c1m_floor_row"] = c1m_floor
+        extras.append(c1m_floor)
     with tempfile.TemporaryDirectory(prefix="manydoors-peers-") as workdir:
         for key in keys:
             print(f"peers: === {key} ===", file=sys.stderr, flush=True)
@@ -566,9 +720,12 @@ def main() -> int:
             except Exception as exc:  # one peer failing must not lose the others' rows
                 row = {"peer": key, "server": PEERS[key].label, "error": repr(exc), "notes": []}
             result["rows"].append(row)
-            result["markdown"] = markdown(result["rows"] + ([extra] if extra else []))
+            result["markdown"] = markdown(result["rows"] + extras)
+            result["ratios"], result["ratio_markdown"] = floor_ratios(result["rows"])
             save(args.name, result)
     print(result["markdown"])
+    if result["ratio_markdown"]:
+        print("\n" + result["ratio_markdown"])
     print(f"saved {os.path.join('bench', 'results', args.name + '.json')}", file=sys.stderr)
     return 0
 
