@@ -16,7 +16,9 @@ missed: each message is yielded once and in order across a reconnect, as long as
 gap fits in the channel's history. When it does not, the server answers
 ``recovered: false`` and the iterator yields
 ``{"ev": "gap", "channel": C, "since": last_seq, "seq": channel_seq}`` before the
-channel's next messages.
+channel's next messages. Seqs that jump while connected (an outage of Redis leaves a
+hole, a slow reader's messages may be dropped) give the same ``gap`` first; a ``msg``
+with ``seq`` 0 (sent by a node cut off from Redis) is yielded as it comes.
 
 Calls are not retried: a call in flight when the connection drops, or made while
 the client is reconnecting, raises :class:`ConnectionError`. The exception is
@@ -196,9 +198,19 @@ class Client:
             channel, seq = event.get("channel"), event.get("seq")
             if channel not in self._subs or not isinstance(seq, int):
                 return  # arrived after unsubscribe
+            if seq == 0:
+                # Delivered by a node cut off from Redis: outside the channel's order
+                # (docs/scale-out.md). Passed on; the seq after the outage jumps.
+                self._events.put_nowait(event)
+                return
             last = self._subs[channel]
             if last is not None and seq <= last:
                 return  # already delivered before a reconnect
+            if last is not None and seq > last + 1:
+                # Seqs skipped while connected (a hole left by an outage, a dropped
+                # slow reader): said as a gap, as a failed recovery is.
+                gap = {"ev": "gap", "channel": channel, "since": last, "seq": seq - 1}
+                self._events.put_nowait(gap)
             self._subs[channel] = seq
             self._events.put_nowait(event)
         elif kind in ("dm", "broadcast"):

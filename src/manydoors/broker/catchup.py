@@ -4,7 +4,9 @@ Redis holds the authoritative history of every channel (a list beside its seq, w
 by the publish script); this node keeps what it forwarded (``History``), so most
 recoveries need no round trip. When they do, the seq and the list are read in one
 script, and the client joins only once live delivery has reached what Redis holds, so
-each seq reaches it once, in order.
+each seq reaches it once, in order. A hole in the seqs (left by a node that delivered
+publishes unsequenced while cut off from Redis, broker/outage.py) is in no history: a
+recovery across it answers ``recovered: false``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from ..node.link import Link
 from .backplane import Routes, answer_recover
 from .base import HistoryPage
 from .history import Entry, History, missed
-from .keys import HISTORY_SCRIPT, tag
+from .keys import HISTORY_SCRIPT, HOLE, tag
 
 CATCH_UP: Final = 2.0  # seconds a recovery waits for pub/sub to reach Redis's history
 
@@ -30,10 +32,23 @@ class ChannelState:
 
     last: int = 0  # the highest seq delivered to workers
     ready: bool = False  # subscribed and ``last`` read from Redis
-    # Arrived before ready: (seq, line, the connection id to leave out or None).
+    # Arrived before ready: (seq, line or b"" for a hole, the connection id to leave out).
     buffer: list[tuple[int, bytes, str | None]] = field(default_factory=list)
     recoveries: list[tuple[Link, int, int]] = field(default_factory=list)  # before ready
     waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
+
+    def reached(self, seq: int) -> None:
+        """Live delivery reached ``seq``: the recoveries waiting for it may answer."""
+        for _want, fut in [w for w in self.waiters if w[0] <= seq]:
+            if not fut.done():
+                fut.set_result(None)
+        self.waiters = [w for w in self.waiters if w[0] > seq]
+
+    def skip(self, seq: int) -> None:
+        """A hole at ``seq`` (outage.py): no message to deliver, but delivery is past it."""
+        if seq > self.last:
+            self.last = seq
+            self.reached(seq)
 
 
 class Plane(Protocol):
@@ -54,7 +69,8 @@ async def stored(redis: Any, channel: str) -> tuple[int, list[Entry]]:
     value, lines = await redis.eval(HISTORY_SCRIPT, 2, f"md:c{t}:s", f"md:c{t}:h")
     seq = int(value)
     first = seq - len(lines) + 1  # the script pushes each seq's line as it counts
-    return seq, [(first + i, line) for i, line in enumerate(lines)]
+    # A hole (HOLE: a seq that names no message) is left out, so no read covers it.
+    return seq, [(first + i, line) for i, line in enumerate(lines) if line != HOLE]
 
 
 class Catchup:

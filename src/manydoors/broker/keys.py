@@ -40,6 +40,25 @@ if (ARGV[3] == '1' and n == 1) or (ARGV[3] == '-1' and n == 0) then
 end
 return n
 """
+# KEYS: seq, history. ARGV: topic, size, ttl, seq ttl. A hole: a seq that names no
+# message, taken by a node that delivered publishes unsequenced while it could not reach
+# Redis (broker/outage.py). The list keeps an empty entry for it (HOLE), so that its
+# entries still end at the seq one per seq, and the topic hears ``h<seq> `` (the space:
+# a node reads every payload on a channel's topic up to its first space).
+# %s: PUBLISH, or SPUBLISH on a cluster.
+HOLE_SCRIPT: Final = """
+local seq = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+local size = tonumber(ARGV[2])
+if size > 0 then
+  redis.call('RPUSH', KEYS[2], '')
+  redis.call('LTRIM', KEYS[2], -size, -1)
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+end
+redis.call('%s', ARGV[1], 'h' .. seq .. ' ')
+return seq
+"""
+HOLE: Final = b""  # a hole's entry in a history list: no event line is empty
 # KEYS: seq, history. The seq and the lines it ends, read atomically.
 HISTORY_SCRIPT: Final = (
     "return {redis.call('GET', KEYS[1]) or '0', redis.call('LRANGE', KEYS[2], 0, -1)}"
@@ -97,6 +116,13 @@ def publish_args(kind: str, key: str, line: bytes) -> tuple[bytes, ...]:
         return (user_topic(key).encode(), line)
     topic = channel_topic(key).encode() if kind == "c" else BROADCAST.encode()
     return (topic + b":s", topic + b":h", topic, *split_at_seq(line))
+
+
+def hole_keys(kind: str, key: str) -> tuple[bytes, bytes, bytes]:
+    """The seq key, history key and topic of channel ``key`` (``kind`` ``c``) or of the
+    broadcasts (``b``): the hole script's keys and its first argument."""
+    topic = channel_topic(key).encode() if kind == "c" else BROADCAST.encode()
+    return (topic + b":s", topic + b":h", topic)
 
 
 def safe_url(url: str) -> str:

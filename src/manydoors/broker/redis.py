@@ -16,7 +16,8 @@ never misses a published seq. On a cluster the channel's keys and topic share a 
 tag (one slot) and the script uses SPUBLISH: sharded pub/sub (Redis 7).
 
 When Redis goes away the node keeps serving: it reports ``degraded``, delivers what is
-published on it to its own subscribers (with the channel's last seq, not in history),
+published on it to its own subscribers unsequenced (``seq`` 0, in no history; a hole in
+the seqs afterwards tells every client that something went past it: outage.py),
 reconnects with backoff and resubscribes everything. docs/scale-out.md says what an
 outage loses and what history recovers.
 """
@@ -56,6 +57,7 @@ from .keys import (
     untag,
     user_topic,
 )
+from .outage import Outage
 from .outbox import Outbox, Outgoing
 from .pubsub import RespConnection, Shard
 
@@ -106,7 +108,7 @@ class RedisBackplane(Backplane):
         self.catchup = Catchup(self)  # recoveries and history reads through Redis
         self.asks = Asks(self)  # presence and channel lists asked of the other nodes
         self.received = 0  # messages this node received from Redis
-        self.local_only = 0  # publishes delivered only locally while degraded
+        self.outage = Outage(self)  # publishes delivered here while Redis is away
         self.reconnects = 0
         self.last_error = ""
         # Joins and leaves to count in Redis (namespaces with join_leave), in order.
@@ -176,6 +178,8 @@ class RedisBackplane(Backplane):
         else:  # command connections from before an outage are dead
             await self.redis.connection_pool.disconnect()
             await self.outbox.pipeline.reset()
+        if self.outage.pending:  # before any message through Redis reaches our clients
+            await self.outage.take_holes()
         shards = self._make_shards()
         try:
             for shard in shards.values():
@@ -202,6 +206,14 @@ class RedisBackplane(Backplane):
             await asyncio.sleep(0.01)
         if self.shards:
             self.degraded = False
+            if self.outage.pending:  # delivered here while resubscribing: its holes now
+                self.router.spawn(self._take_holes())
+
+    async def _take_holes(self) -> None:
+        try:
+            await self.outage.take_holes()
+        except Exception as exc:
+            self.lost_command(exc)  # they stay pending: taken after the reconnection
 
     def _lost(self, shard: Shard, exc: BaseException | None) -> None:
         if exc is not None:
@@ -337,7 +349,10 @@ class RedisBackplane(Backplane):
     def _flush_channel(self, channel: str, st: ChannelState) -> None:
         buffered, st.buffer = st.buffer, []
         for seq, line, exclude in buffered:
-            self._forward(channel, st, seq, line, exclude)
+            if line:
+                self._forward(channel, st, seq, line, exclude)
+            else:  # a hole
+                st.skip(seq)
 
     # --- messages from Redis ----------------------------------------------------------
 
@@ -365,7 +380,7 @@ class RedisBackplane(Backplane):
             if payload[:1] == b"{":
                 self.router.deliver_user(untag(topic, 4), payload)
             else:
-                self._to_user(untag(topic, 4), payload)
+                self.to_user(untag(topic, 4), payload)
         elif head == b"md:c":
             channel = untag(topic, 4)
             space = payload.index(b" ")
@@ -383,6 +398,8 @@ class RedisBackplane(Backplane):
                 self.router.deliver_channel(channel, payload[space + 1 :])
             elif payload[:1] == b"p":  # a presence question: p<node> <token>
                 self.asks.presence_asked(channel, payload)
+            elif payload[:1] == b"h":  # a hole: h<seq>, a seq that names no message
+                self._hole(channel, int(payload[1:space]))
         elif head == b"md:b":
             if payload[:1] == b"b":
                 self.router.deliver_all(payload[payload.index(b" ") + 1 :])
@@ -403,10 +420,16 @@ class RedisBackplane(Backplane):
         else:
             self.router.deliver(Kind.DELIVER_CHANNEL, channel, line, exclude)
         if st.waiters:
-            for _want, fut in [w for w in st.waiters if w[0] <= seq]:
-                if not fut.done():
-                    fut.set_result(None)
-            st.waiters = [w for w in st.waiters if w[0] > seq]
+            st.reached(seq)
+
+    def _hole(self, channel: str, seq: int) -> None:
+        """A node took a hole (outage.py): nothing to deliver, nothing to keep."""
+        st = self.state.get(channel)
+        if st is not None:
+            if st.ready:
+                st.skip(seq)
+            else:
+                st.buffer.append((seq, b"", None))
 
     # --- publishing -------------------------------------------------------------------
 
@@ -459,17 +482,10 @@ class RedisBackplane(Backplane):
             else:
                 self.outbox.sent += 1
                 return Published(seq=int(seq), nodes=int(nodes))
-        self.local_only += 1  # Redis is away: this node's recipients still get it
-        if kind == "b":
-            workers = self.router.deliver(Kind.DELIVER_ALL, "", line, exclude)
-        else:
-            st = self.state.get(key)
-            prefix, suffix = split_at_seq(line)
-            line = b"%s%d%s" % (prefix, st.last if st is not None else 0, suffix)
-            workers = self.router.deliver(Kind.DELIVER_CHANNEL, key, line, exclude)
-        return Published(degraded=True, workers=workers)
+        # Redis is away: this node's recipients still get it, unsequenced.
+        return self.outage.deliver_excluding(kind, key, line, exclude)
 
-    def _to_user(self, user: str, payload: bytes) -> int:
+    def to_user(self, user: str, payload: bytes) -> int:
         """What came on a user's topic: a dm line, ``x<conn> <line>`` (a dm that leaves
         a connection out), ``d<reason>`` (disconnect) or ``u<channel>`` (unsubscribe)."""
         first = payload[:1]
@@ -515,20 +531,8 @@ class RedisBackplane(Backplane):
         return await self.outbox.ask("u", user, b"u" + channel.encode())
 
     def deliver_locally(self, batch: list[Outgoing]) -> None:
-        """While Redis is away: this node's subscribers still get what is published here."""
-        for kind, key, line, fut in batch:
-            self.local_only += 1
-            if kind == "u":
-                workers = self._to_user(key, line)  # a dm line, or a command
-            elif kind == "b":
-                workers = self.router.deliver_all(line)
-            else:
-                st = self.state.get(key)
-                seq = st.last if st is not None else 0
-                prefix, suffix = split_at_seq(line)
-                workers = self.router.deliver_channel(key, prefix + str(seq).encode() + suffix)
-            if fut is not None and not fut.done():
-                fut.set_result(Published(degraded=True, workers=workers))
+        """While Redis is away: this node's recipients still get what is published here."""
+        self.outage.deliver(batch)
 
     # --- joins and leaves across nodes ---------------------------------------------------
 
@@ -587,7 +591,7 @@ class RedisBackplane(Backplane):
             cluster=self.cluster,
             received_from_redis=self.received,
             sent_to_redis=self.outbox.sent,
-            delivered_locally_while_degraded=self.local_only,
+            delivered_locally_while_degraded=self.outage.delivered,
             reconnects=self.reconnects,
             last_error=self.last_error,
         )
