@@ -147,11 +147,22 @@ class ServiceConfig:
 class ApiConfig:
     host: str = "127.0.0.1"
     port: int = 7080
+    header_timeout: float = 10.0  # seconds a request's head may take (and then its body)
+    keepalive_timeout: float = 75.0  # seconds an idle keep-alive connection stays open
+    # API connections held at once. None: the supervisor's fd limit less the fds in use
+    # and a reserve for restarting workers (server/apiserver.py, api_cap).
+    max_connections: int | None = None
 
     def __post_init__(self) -> None:
         _check_types(self, "api")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"api: port {self.port} is not in 0-65535")
+        for key in ("header_timeout", "keepalive_timeout"):
+            value = getattr(self, key)
+            if not 0 < value < float("inf"):  # NaN too
+                raise ConfigError(f"api: {key} must be a number of seconds > 0, not {value}")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ConfigError(f"api: max_connections must be >= 1, not {self.max_connections}")
 
 
 @dataclass(frozen=True, slots=True)

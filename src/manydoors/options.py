@@ -203,6 +203,27 @@ GLOBAL_OPTIONS: Final = (
     Option("api.host", "MANYDOORS_API_HOST", "--api-host", str, "HTTP API address"),
     Option("api.port", "MANYDOORS_API_PORT", "--api-port", int, "HTTP API port"),
     Option(
+        "api.header_timeout",
+        "MANYDOORS_API_HEADER_TIMEOUT",
+        "--api-header-timeout",
+        float,
+        "seconds an API request's head (then its body) may take before the connection closes",
+    ),
+    Option(
+        "api.keepalive_timeout",
+        "MANYDOORS_API_KEEPALIVE_TIMEOUT",
+        "--api-keepalive-timeout",
+        float,
+        "seconds an idle keep-alive API connection stays open",
+    ),
+    Option(
+        "api.max_connections",
+        "MANYDOORS_API_MAX_CONNECTIONS",
+        "--api-max-connections",
+        int,
+        "API connections at once (default: the fd limit less a reserve for worker restarts)",
+    ),
+    Option(
         "auth.mode",
         "MANYDOORS_AUTH_MODE",
         "--auth-mode",

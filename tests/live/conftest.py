@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from support.client import Client
-from support.pusherfix import Peers, PusherBackend, need_node, node_config
+from support.nodefix import need_node
+from support.pusherfix import Peers, PusherBackend, node_config
 from support.redisfix import RedisCluster, RedisServer, need_redis
 from support.server import Server, launch
 
@@ -37,9 +38,15 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     started: list[Server] = []
 
     def start(
-        *args: str, config: str | None = None, env: dict[str, str] | None = None, chat: bool = True
+        *args: str,
+        config: str | None = None,
+        env: dict[str, str] | None = None,
+        chat: bool = True,
+        nofile: int | None = None,
     ) -> Server:
-        server = launch(tmp_path, len(started), *args, config=config, env=env, chat=chat)
+        server = launch(
+            tmp_path, len(started), *args, config=config, env=env, chat=chat, nofile=nofile
+        )
         started.append(server)
         return server
 

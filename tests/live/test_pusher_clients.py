@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from support.nodefix import need_node
 from support.pusherfix import (
     APP,
     OTHER,
@@ -331,6 +332,7 @@ window.__pusher = pusher;
 
 
 def test_pusher_js_in_chromium(pusher_node, pusher_backend, browser):
+    need_node(node=None)  # the page loads pusher-js's web build from tests/node/node_modules
     browser.get(pusher_backend.url + "/page")
     browser.execute_script(BROWSER_CLIENT, APP.key, pusher_node.port("pusher"))
 

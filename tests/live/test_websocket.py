@@ -1,26 +1,21 @@
 """The WebSocket service end to end, against independent peers.
 
 Peers: the Python `websockets` client, Node's `ws` client (tests/node, installed by
-.ci/run), and raw sockets for malformed handshakes and frames.
+./run test), and raw sockets for malformed handshakes and frames.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import socket
 import subprocess
-from pathlib import Path
 
-import pytest
 import websockets
 
+from support.nodefix import NODE_DIR, need_node
 from support.server import run_load
 from support.wait import wait_for
-
-NODE_DIR = Path(__file__).resolve().parents[1] / "node"  # tests/node
 
 WS_AND_TCP = """
 [api]
@@ -86,11 +81,8 @@ def test_browser_style_client_and_tcp_client_share_channels_and_send(serve, clie
     assert tcp.recv()["data"] == "api"
 
 
-@pytest.mark.skipif(
-    shutil.which("node") is None and not os.environ.get("CI"), reason="node not installed"
-)
 def test_node_ws_client_receives_what_the_api_publishes(serve):
-    assert (NODE_DIR / "node_modules" / "ws").is_dir(), "run: cd tests/node && npm install"
+    need_node()
     server = serve(config=WS_AND_TCP)
     proc = subprocess.Popen(
         [

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import shutil
 import subprocess
 import threading
 from collections.abc import Callable
@@ -21,13 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 from aiohttp import web
 
 from support.backend import HttpBackend
+from support.nodefix import NODE_DIR
 from support.wait import wait_for
 
-NODE_DIR = Path(__file__).resolve().parents[1] / "node"  # tests/node
 PUSHER_JS_WEB = NODE_DIR / "node_modules" / "pusher-js" / "dist" / "web" / "pusher.min.js"
 
 
@@ -182,16 +179,6 @@ class PusherBackend(HttpBackend):
             '<script src="/pusher.js"></script></head></html>'
         )
         return web.Response(text=html, content_type="text/html")
-
-
-def need_node() -> None:
-    """Skip without Node or the modules (fail in CI, which installs both)."""
-    missing = shutil.which("node") is None or not (NODE_DIR / "node_modules" / "pusher-js").is_dir()
-    if missing:
-        message = "node or tests/node/node_modules missing: cd tests/node && npm install"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 class NodePeer:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -99,6 +101,7 @@ def launch(
     config: str | None = None,
     env: dict[str, str] | None = None,
     chat: bool = True,
+    nofile: int | None = None,
 ) -> Server:
     """Start ``manydoors serve`` with these flags (or TOML text); return once it is ready.
 
@@ -106,7 +109,8 @@ def launch(
     caller stops the server. ``chat``: the default namespace is a chat, as every test
     written before namespaces expects (clients may publish, send and list presence),
     through the environment, so a test's own env and flags still win; a test of the
-    rights themselves passes ``chat=False`` and gets the public defaults.
+    rights themselves passes ``chat=False`` and gets the public defaults. ``nofile``:
+    the server's RLIMIT_NOFILE (soft and hard), to meet its fd limit with few fds.
     """
     chat_env = dict(CHAT_ENV) if chat else {}
     if config is not None:  # allow_send is per service: a file with services says it itself
@@ -123,7 +127,11 @@ def launch(
         cmd += ["--port", "0", "--api-port", "0"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            preexec_fn=None if nofile is None else partial(_nofile, nofile),
         )
     deadline = time.monotonic() + READY_TIMEOUT
     while not ready.exists():
@@ -134,6 +142,10 @@ def launch(
             raise AssertionError(f"server not ready:\n{log.read_text()}")
         time.sleep(0.02)
     return Server(proc, json.loads(ready.read_text()), log)
+
+
+def _nofile(limit: int) -> None:  # in the child, before exec
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
 def run_load(

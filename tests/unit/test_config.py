@@ -176,6 +176,9 @@ def test_every_option_is_reachable_by_env_and_flag() -> None:
         "ping_timeout": ("2", 2.0),
         "api.host": ("10.2.2.2", "10.2.2.2"),
         "api.port": ("7666", 7666),
+        "api.header_timeout": ("2.5", 2.5),
+        "api.keepalive_timeout": ("30", 30.0),
+        "api.max_connections": ("500", 500),
         "auth.mode": ("none", "none"),
         "auth.secret": ("s" * 32, "s" * 32),
         "auth.public_key": ("/etc/jwt.pem", "/etc/jwt.pem"),
@@ -431,6 +434,25 @@ def test_a_service_port_out_of_range_is_a_config_error(port: int) -> None:
 def test_an_api_port_out_of_range_is_a_config_error(port: int) -> None:
     assert "api" in config_error(toml_text=f"[api]\nport = {port}\n")
     assert "api" in config_error(env={"MANYDOORS_API_PORT": str(port)})
+
+
+@pytest.mark.parametrize(
+    "toml",
+    [
+        "header_timeout = 0",
+        "header_timeout = nan",
+        "keepalive_timeout = -1",
+        "keepalive_timeout = inf",
+        "max_connections = 0",
+    ],
+)
+def test_api_timeouts_and_cap_out_of_range_are_config_errors(toml: str) -> None:
+    assert f"api: {toml.split()[0]}" in config_error(toml_text=f"[api]\n{toml}\n")
+
+
+def test_api_cap_and_timeouts_default_to_10_s_75_s_and_sized_from_the_fd_limit() -> None:
+    api = load().api
+    assert (api.header_timeout, api.keepalive_timeout, api.max_connections) == (10, 75, None)
 
 
 def test_ports_at_the_ends_of_the_range_are_fine() -> None:

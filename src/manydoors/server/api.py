@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Final, Protocol, TypeVar, cast
+from typing import Annotated, Any, Final, Protocol, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -25,6 +24,7 @@ from ..namespaces import Namespaces
 from ..protocol.ipc import exclude_head
 from ..protocol.messages import Name, page
 from ..pusher import api as pusher_api
+from .apiserver import Doors, DoorsSite, key_middleware, sized_cap
 from .errors import StartupError
 from .pusherhooks import pusher_webhook_metrics
 
@@ -159,6 +159,7 @@ _NAMESPACES: web.AppKey[Namespaces] = web.AppKey("namespaces")
 _REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
 _STREAMS: web.AppKey[set[web.StreamResponse]] = web.AppKey("streams")
 _STOPPING: web.AppKey[asyncio.Event] = web.AppKey("stopping")
+_DOORS: web.AppKey[Doors] = web.AppKey("doors")
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -334,7 +335,7 @@ async def connections(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return _json(request.app[_NODE].stats())
+    return _json({**request.app[_NODE].stats(), "api": request.app[_DOORS].stats()})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -465,6 +466,9 @@ async def index(request: web.Request) -> web.FileResponse:
 async def stream(request: web.Request) -> web.StreamResponse:
     """Server-sent events: one ``data: <stats JSON>`` event per second until either side stops."""
     app = request.app
+    if len(app[_STREAMS]) >= app[_DOORS].max_connections // 2:
+        # A stream holds its connection for good: half the API's leave room for the rest.
+        return _error(503, "busy", "too many streams open: retry later")
     resp = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -501,38 +505,6 @@ async def _end_streams(app: web.Application) -> None:
         await asyncio.sleep(0.01)
 
 
-# What the API key guards: acting on clients and seeing who they are; stats only on request.
-_GUARDED: Final = frozenset(
-    {
-        "/api/publish",
-        "/api/presence",
-        "/api/connections",
-        "/api/disconnect",
-        "/api/unsubscribe",
-        "/api/history",
-        "/api/channels",
-    }
-)
-_STATS: Final = frozenset({"/api/stats", "/api/stream", "/metrics"})
-
-
-def _auth_middleware(key: str, protect_stats: bool) -> Any:
-    expected = f"Bearer {key}".encode()
-    guarded = _GUARDED | _STATS if protect_stats else _GUARDED
-
-    @web.middleware
-    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path in guarded:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                resp = _error(401, "unauthorized", "send Authorization: Bearer <api key>")
-                resp.headers["WWW-Authenticate"] = "Bearer"
-                return resp
-        return cast(web.StreamResponse, await handler(request))
-
-    return check
-
-
 async def start_api(
     node: NodeView,
     api: ApiConfig,
@@ -543,14 +515,19 @@ async def start_api(
     """Serve the API for ``node`` on ``api.host:api.port``; the runner and the real port.
 
     Port 0 asks the kernel for a free port: the returned port is the one it gave.
+    Its connections are timed and capped (``apiserver.py``); ``api.max_connections``
+    None: the fd limit less the fds open now and the reserve (the supervisor passes
+    the number it sized with its workers in mind).
     With Pusher ``apps``, Pusher's REST API too (``pusher/api.py``; its own signatures,
     not the API key).
     """
-    middlewares = (
-        [] if auth.api_key is None else [_auth_middleware(auth.api_key, auth.protect_stats)]
-    )
+    cap = api.max_connections or sized_cap(workers=0)
+    doors = Doors(cap, api.header_timeout, api.keepalive_timeout)
+    keyed = [] if auth.api_key is None else [key_middleware(auth.api_key, auth.protect_stats)]
+    middlewares = [doors.track, *keyed, doors.read_body]  # the body after the key
     app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
     app[_NODE] = node
+    app[_DOORS] = doors
     app[_NAMESPACES] = namespaces or Namespaces(NamespaceConfig())
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(node))
@@ -580,7 +557,7 @@ async def start_api(
     )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, api.host, api.port)
+    site = DoorsSite(runner, api.host, api.port, doors)
     try:
         await site.start()
     except OSError as exc:

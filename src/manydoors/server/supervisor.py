@@ -229,6 +229,7 @@ class Supervisor:
     async def run(self, ready_file: str | None = None) -> int:
         """Start, serve until SIGTERM or SIGINT, drain; the exit code."""
         from .api import start_api  # aiohttp stays out of the fork server's preload
+        from .apiserver import sized_cap
 
         loop = asyncio.get_running_loop()
         self.stop_requested = asyncio.Event()
@@ -247,8 +248,16 @@ class Supervisor:
         except ConnectionError as exc:
             await self.broker.close()
             raise StartupError(str(exc)) from None
+        api = self.config.api
+        if api.max_connections is None:  # keep fds for the workers' restarts
+            slots = sum(len(pool.slots) for pool in self.pools)
+            api = dataclasses.replace(api, max_connections=sized_cap(workers=slots))
         runner, self.api_port = await start_api(
-            self.view, self.config.api, self.config.auth, self.namespaces, self.config.apps
+            self.view, api, self.config.auth, self.namespaces, self.config.apps
+        )
+        self.say(
+            f"API {api.host}:{self.api_port}: at most {api.max_connections:,} connections,"
+            f" header timeout {api.header_timeout:g} s"
         )
         try:
             if self.webhooks is not None:
