@@ -8,7 +8,9 @@ from typing import cast
 
 from ..protocol.ipc import FrameError, IpcParser, Kind, encode_frame
 
-FrameHandler = Callable[["Link", int, str, bytes], None]
+# Handles one frame; returns the work it did in deliveries (writes to clients), or
+# None for one: the link's measure of how much a loop callback has done.
+FrameHandler = Callable[["Link", int, str, bytes], int | None]
 
 
 class Link(asyncio.Protocol):
@@ -22,9 +24,19 @@ class Link(asyncio.Protocol):
     round trip, ran 25 % slower with a write per loop iteration). Messages and
     deliveries never wait: a frame of any other kind flushes the link (with what
     waits, in order) at the next loop iteration.
+
+    Reading is bounded the same way: one callback handles frames until they have done
+    ``BUDGET`` deliveries (a frame is at least one), then pauses reading and goes on
+    with the rest of that read at a later loop iteration, after what else is ready
+    (accepts, clients' reads): a worker's 256 KB read of deliveries, each to
+    thousands, held its loop for seconds (issue 18). Frames keep their order, and
+    at most one read's frames wait here.
     """
 
     COALESCE_S = 0.002
+    # Deliveries per callback: ~10-20 ms of writes on loopback (docs/benchmarks.md, "A
+    # publish flood against one worker"). A single fan-out larger than this is not split.
+    BUDGET = 2000
     LAZY = frozenset((Kind.SUB, Kind.UNSUB, Kind.USER_ON, Kind.USER_OFF, Kind.SYNC, Kind.SYNCED))
 
     def __init__(self, on_frame: FrameHandler, name: str = "") -> None:
@@ -39,6 +51,8 @@ class Link(asyncio.Protocol):
         self.soon = False  # a flush is due at the next iteration
         self.before_flush: Callable[[], None] | None = None
         self.lost: asyncio.Future[None] = self.loop.create_future()
+        self.rest: list[tuple[int, str, bytes]] | None = None  # frames left for later
+        self.at = 0  # the next of them
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
@@ -57,9 +71,39 @@ class Link(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.abort()
             return
+        if self.rest is not None:  # read while paused: after those, in order
+            self.rest.extend(frames)
+        elif not self.handle(frames, 0) and self.transport is not None:
+            self.transport.pause_reading()
+
+    def handle(self, frames: list[tuple[int, str, bytes]], start: int) -> bool:
+        """Handle ``frames`` from ``start`` until the budget is spent; False when some
+        are left for the next loop iteration."""
         on_frame = self.on_frame
-        for kind, key, payload in frames:
-            on_frame(self, kind, key, payload)
+        left = self.BUDGET
+        end = len(frames)
+        for i in range(start, end):
+            kind, key, payload = frames[i]
+            left -= on_frame(self, kind, key, payload) or 1
+            if left <= 0 and i + 1 < end:
+                self.rest, self.at = frames, i + 1
+                self.loop.call_soon(self.go_on)
+                return False
+        return True
+
+    def go_on(self) -> None:
+        """The next part of the frames left for later; reading resumes after the last."""
+        frames, self.rest = self.rest, None
+        if frames is None:
+            return
+        try:
+            done = self.handle(frames, self.at)
+        except BaseException:
+            if self.transport is not None:  # as a handler's error in data_received does
+                self.transport.abort()
+            raise
+        if done and self.transport is not None:
+            self.transport.resume_reading()
 
     def send(self, kind: Kind, key: str = "", payload: bytes = b"") -> None:
         self.send_frame(encode_frame(kind, key, payload))

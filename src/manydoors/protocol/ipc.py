@@ -8,6 +8,7 @@ worker routes a delivery by dict lookup without parsing the JSON it forwards.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from enum import IntEnum
 from typing import Final
 
@@ -67,6 +68,16 @@ RECOVERED_HEAD: Final = struct.Struct("!IBQ")  # request id, recovered, seq at t
 TOKEN: Final = struct.Struct("!I")  # a request id or token
 JOIN_HEAD: Final = struct.Struct("!II")  # request id, the channel's member limit
 EXCLUDE: Final = struct.Struct("!IQ")  # the pid and the token of a connection id "<pid>-<token>"
+
+
+def request_ids(start: int = 1) -> Iterator[int]:
+    """Request ids for the u32 fields above (RECOVER_HEAD, TOKEN, JOIN_HEAD): from
+    ``start`` up, wrapping at 2**32 (a worker's 2**32nd request raised struct.error,
+    and its client got no answer)."""
+    n = start & 0xFFFFFFFF
+    while True:
+        yield n
+        n = (n + 1) & 0xFFFFFFFF
 
 
 def missed_lines(payload: bytes) -> list[bytes]:

@@ -39,7 +39,7 @@ class Commands:
         admission: Admission,
         sessions: Sessions,
         wire: Wire,
-        fanout: Callable[[Iterable[Peer], bytes], None],
+        fanout: Callable[[Iterable[Peer], bytes], int],
     ) -> None:
         self.hub = hub
         self.admission = admission
@@ -47,8 +47,9 @@ class Commands:
         self.wire = wire
         self.fanout = fanout  # the worker's: one write of the same bytes per recipient
 
-    def on_frame(self, link: Uplink, kind: int, key: str, payload: bytes) -> None:
-        """A command frame from the broker (the kinds 28 to 33)."""
+    def on_frame(self, link: Uplink, kind: int, key: str, payload: bytes) -> int | None:
+        """A command frame from the broker (the kinds 28 to 33); returns the
+        deliveries of a ``DELIVER_*_EXCEPT`` (None for the others)."""
         if kind == Kind.DISCONNECT:
             self.disconnect(key, payload.decode())
         elif kind == Kind.UNSUBSCRIBE:
@@ -57,7 +58,8 @@ class Commands:
             counts = self.count(_decode_names(payload[TOKEN.size :]))
             link.send(Kind.CHANNELS_PART, "", payload[: TOKEN.size] + _encode_json(counts))
         elif len(payload) >= EXCLUDE.size:
-            self.deliver_except(kind, key, payload)
+            return self.deliver_except(kind, key, payload)
+        return None
 
     def disconnect(self, user: str, reason: str) -> None:
         """Say ``bye`` with ``reason`` to every connection of ``user`` and close them."""
@@ -81,7 +83,7 @@ class Commands:
         held = self.hub.channels
         return {name: len(held[name]) for name in names if name in held}
 
-    def deliver_except(self, kind: int, key: str, payload: bytes) -> None:
+    def deliver_except(self, kind: int, key: str, payload: bytes) -> int:
         """A delivery that leaves out the connection the EXCLUDE head names.
 
         Every worker holding recipients gets it; only the one whose pid is in the id
@@ -98,9 +100,9 @@ class Commands:
         elif kind == Kind.DELIVER_ALL_EXCEPT:
             members = hub.conns
         else:
-            return
+            return 0
         admission = self.admission
         if pid == admission.pid:
             skip = admission.ids.address(token)
             members = [conn for conn in members if id(conn) != skip]
-        self.fanout(members, data)
+        return self.fanout(members, data)

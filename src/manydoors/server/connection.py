@@ -58,7 +58,7 @@ class Connection(asyncio.Protocol):
 
     transport: asyncio.Transport | None
     user: str | None
-    channels: str | tuple[str, ...]
+    channels: str | tuple[str, ...] | set[str]  # hub.Channels: a set past hub.SMALL
     mark: int  # ticks are shared int objects: this costs the slot and nothing more
     ipb: int | None
     sent: int  # small ints are shared objects: an idle connection pays only the slots

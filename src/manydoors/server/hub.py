@@ -7,25 +7,38 @@ this worker only when it has recipients.
 Memory is the key figure, so the common cases are stored flat: a user with one
 connection maps straight to it (a set only appears for a second connection), and a
 connection's channels are ``()`` when none (a shared constant), the channel's name
-when one (no tuple: 48 bytes a connection, measured in docs/benchmarks.md), and a
-tuple from two on.
+when one (no tuple: 48 bytes a connection, measured in docs/benchmarks.md), a tuple
+from two to ``SMALL``, and a set beyond. A tuple of a few is smaller than a set (an
+empty set is 216 bytes) but its tests and its growth are O(n): a connection in
+100,000 channels took minutes to subscribe with tuples alone, O(1) a channel with
+the set (issue 18).
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Generic, Protocol, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
+
+# Channels a connection keeps in a tuple; one more and they move to a set. Eight fill
+# the tuple's 104 bytes, still half an empty set, and a test of eight is as fast.
+SMALL: Final = 8
+# A set that shrinks to this many goes back to a tuple (not at SMALL: no flapping).
+SHRINK: Final = SMALL // 2
+
+Channels = str | tuple[str, ...] | set[str]  # how a connection's channels are stored
 
 
 class Member(Protocol):
     """What the hub needs of a connection."""
 
     user: str | None
-    channels: str | tuple[str, ...]
+    channels: Channels
 
 
-def channels_of(conn: Member) -> tuple[str, ...]:
-    """A connection's channels as a tuple, whichever way they are stored."""
+def channels_of(conn: Member) -> tuple[str, ...] | set[str]:
+    """A connection's channels, whichever way they are stored: test with ``in``,
+    count with ``len``, iterate (the set itself past ``SMALL``: do not subscribe or
+    unsubscribe ``conn`` while iterating; copy first)."""
     held = conn.channels
     return (held,) if isinstance(held, str) else held
 
@@ -58,11 +71,23 @@ class Hub(Generic[M]):
 
     def subscribe(self, conn: M, channel: str) -> bool:
         """Subscribe; True when this worker had no subscriber of the channel before."""
-        held = channels_of(conn)
-        if channel in held:
-            return False
-        channel = sys.intern(channel)  # one string object per channel, shared by members
-        conn.channels = (*held, channel) if held else channel
+        held = conn.channels
+        if isinstance(held, set):
+            if channel in held:
+                return False
+            channel = sys.intern(channel)  # one string object per channel, shared by members
+            held.add(channel)
+        else:
+            few = (held,) if isinstance(held, str) else held
+            if channel in few:
+                return False
+            channel = sys.intern(channel)
+            if not few:
+                conn.channels = channel
+            elif len(few) < SMALL:
+                conn.channels = (*few, channel)
+            else:
+                conn.channels = {*few, channel}
         members = self.channels.get(channel)
         if members is None:
             self.channels[channel] = {conn}
@@ -72,11 +97,19 @@ class Hub(Generic[M]):
 
     def unsubscribe(self, conn: M, channel: str) -> bool:
         """Unsubscribe; True when this was the worker's last subscriber of the channel."""
-        held = channels_of(conn)
-        if channel not in held:
-            return False
-        rest = tuple(ch for ch in held if ch != channel)
-        conn.channels = rest[0] if len(rest) == 1 else rest
+        held = conn.channels
+        if isinstance(held, set):
+            if channel not in held:
+                return False
+            held.discard(channel)
+            if len(held) <= SHRINK:
+                conn.channels = tuple(held)
+        else:
+            few = (held,) if isinstance(held, str) else held
+            if channel not in few:
+                return False
+            rest = tuple(ch for ch in few if ch != channel)
+            conn.channels = rest[0] if len(rest) == 1 else rest
         return self._leave(conn, channel)
 
     def _leave(self, conn: M, channel: str) -> bool:
@@ -122,3 +155,15 @@ class Hub(Generic[M]):
         if held is None:
             return ()
         return held if isinstance(held, set) else (held,)
+
+    def census(self, channel: str) -> tuple[dict[str, int], int]:
+        """The subscribers of ``channel``: ({user: connections}, anonymous ones)."""
+        users: dict[str, int] = {}
+        anonymous = 0
+        for conn in self.channels.get(channel, ()):
+            user = conn.user
+            if user is None:
+                anonymous += 1
+            else:
+                users[user] = users.get(user, 0) + 1
+        return users, anonymous

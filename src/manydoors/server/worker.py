@@ -132,7 +132,9 @@ class Worker:
 
     # --- broker frames ---------------------------------------------------------------
 
-    def on_frame(self, link: Link, kind: int, key: str, payload: bytes) -> None:
+    def on_frame(self, link: Link, kind: int, key: str, payload: bytes) -> int | None:
+        """A frame from the broker; returns the deliveries it made (the link bounds the
+        deliveries of one loop callback: see Link.BUDGET), None for one."""
         hub = self.hub
         # Deliveries arrive as NDJSON lines; framed once here for this service's wire.
         if kind == Kind.DELIVER_CHANNEL:
@@ -140,14 +142,14 @@ class Worker:
             if self.pusher and payload.startswith(b'{"ev":"join"'):
                 # Pusher tells a member's arrival to the others only.
                 members = cast(PusherSessions, self.sessions).pusher.others(key, payload, members)
-            self.fanout(members, self.wire.frame(payload))
-        elif kind == Kind.DELIVER_USER:
-            self.fanout(hub.of_user(key), self.wire.frame(payload))
-        elif kind == Kind.DELIVER_ALL:
-            self.fanout(hub.conns, self.wire.frame(payload))
-        elif kind == Kind.SYNCED:
-            self.sessions.synced()
-        elif kind == Kind.RECOVERED:
+            return self.fanout(members, self.wire.frame(payload))
+        if kind == Kind.DELIVER_USER:
+            return self.fanout(hub.of_user(key), self.wire.frame(payload))
+        if kind == Kind.DELIVER_ALL:
+            return self.fanout(hub.conns, self.wire.frame(payload))
+        if kind == Kind.SYNCED:
+            return self.sessions.synced()
+        if kind == Kind.RECOVERED:
             self.sessions.recovered(key, payload)
         elif kind == Kind.PRESENCE_ASK:
             link.send(Kind.PRESENCE_PART, key, payload + self.sessions.presence_part(key))
@@ -158,9 +160,12 @@ class Worker:
         elif kind == Kind.SAMPLE:
             link.send(Kind.SAMPLED, "", _encode_json(self.sample(int(key or 0))))
         elif kind >= Kind.DISCONNECT:  # the API's: disconnect, unsubscribe, exclusions
-            self.commands.on_frame(link, kind, key, payload)
+            return self.commands.on_frame(link, kind, key, payload)
+        return None
 
-    def fanout(self, members: Iterable[Peer], data: bytes) -> None:
+    def fanout(self, members: Iterable[Peer], data: bytes) -> int:
+        """Write ``data`` to each of ``members``; return how many were written to or
+        skipped (over their outbound cap)."""
         # The hot loop of a broadcast: one write of the same bytes per recipient.
         sent = dropped = 0
         slow = self.admission.slow
@@ -177,6 +182,7 @@ class Worker:
         c.mv[c.i_out] += sent
         if dropped:
             c.mv[c.i_dropped] += dropped
+        return sent + dropped
 
     def sample(self, limit: int) -> list[dict[str, object]]:
         """A few live connections as 5-tuples with their user and channels."""
