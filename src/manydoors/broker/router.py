@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
-import itertools
 import time
 from collections.abc import Callable, Collection, Coroutine
 from typing import Any, Final, Generic, Protocol, Self, TypeVar
@@ -27,7 +26,15 @@ import msgspec
 from msgspec import Raw
 
 from ..node.link import Link
-from ..protocol.ipc import JOIN_HEAD, RECOVER_HEAD, TOKEN, Kind, encode_frame, exclude_head
+from ..protocol.ipc import (
+    JOIN_HEAD,
+    RECOVER_HEAD,
+    TOKEN,
+    Kind,
+    encode_frame,
+    exclude_head,
+    request_ids,
+)
 from .backplane import Backplane
 from .base import BrokerStats, ChannelList, HistoryPage, PresenceResult, Published
 
@@ -133,7 +140,7 @@ class Router:
         self.bad_frames = 0
         self.gathers: dict[int, Gather] = {}
         self.listings: dict[int, Answers[ChannelList]] = {}  # channel counts asked of links
-        self.tokens = itertools.count(1)
+        self.tokens = request_ids()  # packed as u32 (TOKEN): they wrap
         self.tasks: set[asyncio.Task[Any]] = set()
         backplane.bind(self)
 
