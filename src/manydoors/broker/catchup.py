@@ -78,6 +78,34 @@ class Catchup:
 
     def __init__(self, plane: Plane) -> None:
         self.plane = plane
+        self.reads: dict[str, asyncio.Future[tuple[int, list[Entry]]]] = {}  # in flight
+
+    async def stored_once(self, channel: str) -> tuple[int, list[Entry]]:
+        """The channel's seq and history in Redis, one read in flight at a time.
+
+        The recoveries of a reconnect storm share it: a read each would take a pool
+        connection each, and redis-py's asyncio pool refuses past 100
+        (MaxConnectionsError), which made the node degraded and answer them all
+        ``recovered: false``. A read that started before a recovery asked is enough:
+        what was published since reached this node live and is in its own history.
+        """
+        fut = self.reads.get(channel)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = self.reads[channel] = asyncio.get_running_loop().create_future()
+        try:
+            found = await stored(self.plane.redis, channel)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except Exception as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved here; whoever shares the read gets it too
+            raise
+        finally:
+            del self.reads[channel]
+        fut.set_result(found)
+        return found
 
     def recover(self, link: Link, channel: str, req: int, since: int) -> None:
         plane = self.plane
@@ -99,7 +127,7 @@ class Catchup:
     ) -> None:
         plane = self.plane
         try:
-            cur, entries = await stored(plane.redis, channel)
+            cur, entries = await self.stored_once(channel)
         except Exception as exc:
             plane.lost_command(exc)
             answer_recover(link, channel, req, st.last, None)

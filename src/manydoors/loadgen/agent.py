@@ -29,9 +29,14 @@ import uvloop
 
 from ..node import procfs
 from ..node.tuning import GC_THRESHOLDS
-from ..protocol.framing import TOO_LONG, LineFramer
+from ..protocol.framing import TOO_LONG
 from . import pusherclient, wsclient
+from .conns import LoadConn as LoadConn
+from .conns import RedialConn, RedialWsConn
+from .conns import WsLoadConn as WsLoadConn
+from .errors import errno_name
 from .planner import AgentPlan
+from .reconnect import Backoff, Redial, sub_op
 from .tlspipe import TlsPipe, client_context
 
 IP_BIND_ADDRESS_NO_PORT: Final = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -55,6 +60,7 @@ class AgentOptions:
     ws: bool = False  # speak WebSocket (the same JSON messages in text frames)
     tls: bool = False  # TLS (no certificate check: see tlspipe)
     pusher: pusherclient.PusherApp | None = None  # speak Pusher protocol 7 (over ws)
+    reconnect: Backoff | None = None  # dial again after a drop, resubscribe with since
 
 
 class Event(msgspec.Struct):
@@ -63,6 +69,9 @@ class Event(msgspec.Struct):
     code: str | None = None
     reason: str | None = None
     data: msgspec.Raw = msgspec.Raw(b"")  # Raw cannot be in a union; empty means absent
+    seq: int | None = None  # a msg's; the ok of a sub with since: the seq at the join
+    recovered: bool | None = None  # only in the ok of a sub with since
+    missed: int = 0
 
 
 class Stamp(msgspec.Struct):
@@ -74,46 +83,6 @@ class Stamp(msgspec.Struct):
 
 _decode_event: Final = msgspec.json.Decoder(Event).decode
 _decode_stamp: Final = msgspec.json.Decoder(Stamp).decode
-
-
-class LoadConn(LineFramer):
-    """One held connection: its socket and what has arrived on it.
-
-    Sockets are driven with add_writer/add_reader callbacks rather than transports
-    created by coroutines: opening a connection is then a few synchronous calls, which
-    is what lets one process open tens of thousands per second.
-    """
-
-    __slots__ = ("got", "ready", "sock", "started", "tls")
-
-    def __init__(self, sock: socket.socket, started: float) -> None:
-        LineFramer.__init__(self)
-        self.sock = sock
-        # When the current wait began: the connect, then (once connected) its answer.
-        self.started = started
-        self.got = 0  # bit n set: message number n arrived
-        self.ready = False
-        self.tls: TlsPipe | None = None
-
-
-class WsLoadConn(LoadConn):
-    """A WebSocket connection: bytes of an unfinished HTTP head or frame, and the state."""
-
-    __slots__ = ("buf", "upgraded")
-
-    def __init__(self, sock: socket.socket, started: float) -> None:
-        super().__init__(sock, started)
-        self.buf = b""
-        self.upgraded = False
-
-
-def _errno_name(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "ETIMEDOUT"
-    code = getattr(exc, "errno", None)
-    if code:
-        return errno.errorcode.get(code, f"errno {code}")
-    return type(exc).__name__
 
 
 class Agent:
@@ -158,6 +127,8 @@ class Agent:
                 self.pusher_sub = pusherclient.subscribe(opts.subscribe)
         last = 2 if opts.subscribe else 1
         self.ready_id = last if opts.hello else None
+        # --reconnect: connections remember their user and last seq, and dial again.
+        self.redial = Redial(plan, opts.reconnect) if opts.reconnect is not None else None
         # IP_LOCAL_PORT_RANGE (Linux 6.3+) takes the range as hi << 16 | lo.
         ports = opts.source_ports
         self.port_range = struct.pack("I", ports[1] << 16 | ports[0]) if ports else b""
@@ -172,8 +143,12 @@ class Agent:
             return
         kind = ev.ev
         if kind == "msg" or kind == "broadcast" or kind == "dm":
+            if self.redial is not None and kind == "msg" and ev.seq is not None:
+                self.redial.seen(cast(RedialConn, conn), ev.seq)
             self.record(conn, ev.data)
         elif kind == "ok":
+            if ev.recovered is not None and self.redial is not None:
+                self.redial.resumed(cast(RedialConn, conn), ev.recovered, ev.seq or 0, ev.missed)
             if ev.id == self.ready_id and not conn.ready:
                 self.mark_ready(conn)
         elif kind == "ping":
@@ -248,6 +223,8 @@ class Agent:
         conn.ready = True
         self.ready += 1
         self.waiting.pop(conn, None)
+        if self.redial is not None:
+            self.redial.ready(cast(RedialConn, conn))
 
     def close(self, conn: LoadConn, error: str | None) -> None:
         """Forget a connection (open or connecting), counting why it ended."""
@@ -268,19 +245,24 @@ class Agent:
             self.ready -= 1
         self.waiting.pop(conn, None)
         sock.close()
-        if error is not None:
+        self.lost(conn, error)
+
+    def lost(self, conn: LoadConn, error: str | None) -> None:
+        """Count why ``conn`` ended; with --reconnect, it dials again after its backoff."""
+        if self.redial is not None and not self.stop.is_set():
+            self.redial.dropped(cast(RedialConn, conn), error or "closed", time.monotonic())
+        elif error is not None:
             self.errors[error] += 1
 
     # --- ramp -----------------------------------------------------------------------
 
-    def greeting(self, user: int) -> bytes:
+    def greeting(self, user: int, since: int = 0) -> bytes:
+        """The first bytes of a connection; its sub asks for what followed seq ``since``."""
         if self.opts.pusher is not None:
             # Pusher: the client speaks once the server has (connection_established).
             return pusherclient.upgrade(self.opts.pusher.key)
         hello = b'{"op":"hello","user":"u%d","id":1}' % user
-        sub = b""
-        if self.opts.subscribe:
-            sub = msgspec.json.encode({"op": "sub", "channel": self.opts.subscribe, "id": 2})
+        sub = sub_op(self.opts.subscribe, since) if self.opts.subscribe else b""
         if self.opts.ws:
             # The server takes frames sent right behind the upgrade request.
             out = wsclient.upgrade_request("load", 0)
@@ -291,11 +273,14 @@ class Agent:
             return b""
         return hello + b"\n" + (sub + b"\n" if sub else b"")
 
-    def open_one(self, src: str, dst: str, port: int, user: int) -> None:
+    def open_one(
+        self, src: str, dst: str, port: int, user: int, again: LoadConn | None = None
+    ) -> None:
+        """Dial a connection for ``user``: a new one, or ``again`` (--reconnect) anew."""
         try:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as exc:
-            self.errors[_errno_name(exc)] += 1
+            self.failed(again, errno_name(exc))
             return
         try:
             sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
@@ -304,9 +289,15 @@ class Agent:
             sock.bind((src, 0))
         except OSError as exc:
             sock.close()
-            self.errors[_errno_name(exc)] += 1
+            self.failed(again, errno_name(exc))
             return
-        conn = (WsLoadConn if self.opts.ws else LoadConn)(sock, time.perf_counter())
+        conn = again
+        if conn is not None:
+            conn.redial(sock, time.perf_counter())
+        elif self.redial is not None:
+            conn = (RedialWsConn if self.opts.ws else RedialConn)(sock, time.perf_counter(), user)
+        else:
+            conn = (WsLoadConn if self.opts.ws else LoadConn)(sock, time.perf_counter())
         code = sock.connect_ex((dst, port))
         if code == errno.EINPROGRESS:
             # On loopback the kernel usually completes the handshake before connect()
@@ -325,7 +316,14 @@ class Agent:
             self.connected(conn, user)
         else:
             sock.close()
-            self.errors[errno.errorcode.get(code, str(code))] += 1
+            self.failed(conn, errno.errorcode.get(code, str(code)))
+
+    def failed(self, conn: LoadConn | None, error: str) -> None:
+        """A dial failed before its connect was under way (``conn``: None if not made)."""
+        if conn is None:
+            self.errors[error] += 1
+        else:
+            self.lost(conn, error)
 
     def on_connected(self, conn: LoadConn, user: int) -> None:
         sock = conn.sock
@@ -343,7 +341,8 @@ class Agent:
         now = time.perf_counter()
         self.connect_hist[int((now - conn.started) * 10_000)] += 1
         conn.started = now  # from here on: waiting for the server's answer
-        self.last_connect = now
+        if not self.ramp_done:  # --reconnect: dials after the ramp are not the ramp's
+            self.last_connect = now
         self.open_now += 1
         self.peak = max(self.peak, self.open_now)
         self.conns.add(conn)
@@ -352,15 +351,24 @@ class Agent:
         if self.tls is not None:
             # The greeting waits for the handshake, which needs reading even with --raw.
             conn.tls = TlsPipe(self.tls)
-            sock.send(conn.tls.start())
+            first = conn.tls.start()
         elif not self.opts.hello and not self.opts.ws:
             # --raw only holds: not reading saves a poll registration per connection
             # (what the server sends waits in the kernel buffer).
             self.mark_ready(conn)
             return
         else:
-            sock.send(self.greeting(user))  # a few dozen bytes into an empty buffer: never short
+            first = self.greeting(user, self.since(conn))
+        try:  # a few dozen bytes into an empty buffer: never short
+            sock.send(first)
+        except OSError as exc:  # reset already: a listener closed with it in its queue
+            self.close(conn, errno_name(exc))
+            return
         asyncio.get_running_loop().add_reader(fd, self.on_readable, conn)
+
+    def since(self, conn: LoadConn) -> int:
+        """The seq a (re)subscription resumes after (0: none seen, or no --reconnect)."""
+        return cast(RedialConn, conn).seq if self.redial is not None else 0
 
     def send(self, conn: LoadConn, data: bytes) -> None:
         """Send a few bytes (a pong) on an open connection, through its TLS if any."""
@@ -380,7 +388,7 @@ class Agent:
             return b""
         out = pipe.pending()
         if handshaking and pipe.done:
-            greeting = self.greeting(self.waiting.get(conn, 0))
+            greeting = self.greeting(self.waiting.get(conn, 0), self.since(conn))
             if greeting:
                 out += pipe.wrap(greeting)
             elif not conn.ready:  # --raw: held once the handshake is done
@@ -395,7 +403,7 @@ class Agent:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self.close(conn, _errno_name(exc))
+            self.close(conn, errno_name(exc))
             return
         if not data:
             self.close(conn, None if self.stop.is_set() else "closed_by_server")
@@ -480,10 +488,23 @@ class Agent:
                     user += 1
                     left -= 1
                 await asyncio.sleep(TICK)
-        # Done once every connection has its outcome (the sweep bounds the wait).
-        while (self.connecting or self.waiting) and not self.stop.is_set():
+        # Done once every connection has its outcome (the sweep bounds the wait); with
+        # --reconnect, once every one is ready (a stalled ramp is ended by the controller).
+        redial = self.redial
+        while (self.connecting or self.waiting or (redial and redial.pending)) and (
+            not self.stop.is_set()
+        ):
             await asyncio.sleep(0.05)
         self.ramp_done = True
+
+    async def redial_loop(self, redial: Redial) -> None:
+        """Dial again the connections whose backoff is over, within the in-flight room."""
+        while not self.stop.is_set():
+            room = MAX_IN_FLIGHT - len(self.connecting) - len(self.waiting)
+            for conn in redial.due(time.monotonic(), room):
+                lane = redial.lane(conn.user)
+                self.open_one(lane.src, lane.dst, lane.port, conn.user, conn)
+            await asyncio.sleep(TICK)
 
     # --- reporting ------------------------------------------------------------------
 
@@ -505,6 +526,8 @@ class Agent:
             "rss_start": self.rss_start,
             "final": final,
         }
+        if self.redial is not None:
+            snap["reconnect"] = self.redial.snapshot(final)
         if final:
             snap["connect_hist"] = dict(self.connect_hist)
             snap["latency"] = {n: dict(h) for n, h in self.latency.items()}
@@ -515,12 +538,14 @@ class Agent:
             self.pipe.send(self.snapshot())
             await asyncio.sleep(REPORT_EVERY)
 
-    def ramp_ended(self, task: asyncio.Task[None]) -> None:
-        """A bug in the ramp must not leave the controller waiting forever."""
+    def task_ended(self, task: asyncio.Task[None]) -> None:
+        """A bug in a task shows in the report; a dead ramp must not leave the
+        controller waiting forever."""
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             self.errors[f"load_bug: {type(exc).__name__}: {exc}"] += 1
-        self.ramp_done = True
+        if task is self.ramp_task:
+            self.ramp_done = True
 
     def on_command(self) -> None:
         try:
@@ -539,13 +564,15 @@ class Agent:
         loop.add_reader(self.pipe.fileno(), self.on_command)
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
         reporter = loop.create_task(self.report_loop())
-        sweeper = loop.create_task(self.sweep_loop())
         ramp = self.ramp_task = loop.create_task(self.ramp())
-        ramp.add_done_callback(self.ramp_ended)
+        tasks = [ramp, reporter, loop.create_task(self.sweep_loop())]
+        if self.redial is not None:
+            tasks.append(loop.create_task(self.redial_loop(self.redial)))
+        for task in tasks:
+            task.add_done_callback(self.task_ended)
         await self.stop.wait()
-        ramp.cancel()
-        reporter.cancel()
-        sweeper.cancel()
+        for task in tasks:
+            task.cancel()
         loop.remove_reader(self.pipe.fileno())
         # Report first: closing tens of thousands of sockets on a busy machine takes a
         # while, and the controller should not have to wait for it to get the figures.

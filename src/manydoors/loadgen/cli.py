@@ -15,6 +15,7 @@ from .controller import Controller, LoadOptions, read_port_range
 from .errors import explain
 from .planner import PlanError, make_plan, parse_ip_range, parse_port_range, parse_target
 from .pusherclient import PusherApp, needs_auth
+from .reconnect import BASE_S, CAP_S, Backoff
 
 
 def add_parser(sub: Any) -> None:
@@ -81,6 +82,19 @@ def add_parser(sub: Any) -> None:
         help="end the ramp when its counts have not moved for this many seconds, hold "
         "what is open and report where it stalled",
     )
+    p.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="as real clients: on a close, reset, bye or no answer, dial again after a "
+        "jittered exponential backoff, say hello and resubscribe with since (the last seq "
+        "seen); the report counts drops, returns, and each seq's gaps and repeats",
+    )
+    p.add_argument(
+        "--backoff",
+        metavar="BASE,CAP",
+        default=f"{BASE_S:g},{CAP_S:g}",
+        help="--reconnect: seconds; attempt n waits U(0, min(CAP, BASE*2^n)) (full jitter)",
+    )
     p.add_argument("--report", metavar="FILE", help="write the JSON report here")
     p.add_argument("--plot", metavar="FILE", help="write a PNG of the run here")
     p.add_argument(
@@ -120,6 +134,21 @@ def pusher_app(args: argparse.Namespace) -> PusherApp | str | None:
     return PusherApp(args.app_key, args.app_id, secret)
 
 
+def reconnect_backoff(args: argparse.Namespace, pusher: PusherApp | None) -> Backoff | str | None:
+    """The backoff of --reconnect (None without it), or what is wrong with the flags."""
+    if not args.reconnect:
+        return None
+    if args.raw:
+        return "--reconnect and --raw do not go together (--raw does not read: it sees no drop)"
+    if pusher is not None:
+        return "--reconnect does not speak --pusher yet"
+    try:
+        base, cap = (float(x) for x in args.backoff.split(","))
+        return Backoff(base, cap)
+    except ValueError as exc:
+        return f"--backoff BASE,CAP: {exc}"
+
+
 def run(args: argparse.Namespace) -> int:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     fd_limit = min(args.fd_limit or hard, hard)
@@ -135,6 +164,10 @@ def run(args: argparse.Namespace) -> int:
     pusher = pusher_app(args)
     if isinstance(pusher, str):
         print(f"load: {pusher}", file=sys.stderr)
+        return 2
+    backoff = reconnect_backoff(args, pusher)
+    if isinstance(backoff, str):
+        print(f"load: {backoff}", file=sys.stderr)
         return 2
     if args.connect_timeout <= 0 or args.stall_timeout <= 0:
         print("load: --connect-timeout and --stall-timeout must be positive", file=sys.stderr)
@@ -170,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
         tls=args.tls,
         stall_timeout=args.stall_timeout,
         pusher=pusher,
+        reconnect=backoff,
     )
     controller = Controller(plan, opts, live=sys.stderr.isatty())
     report = controller.run()
@@ -205,6 +239,17 @@ def run(args: argparse.Namespace) -> int:
             f"p50 {d['p50_ms']} ms p99 {d['p99_ms']} ms, {d['per_second']:,}/s",
             file=sys.stderr,
         )
+    redial = report.get("reconnect")
+    if redial is not None:
+        drops = ", ".join(f"{v:,} {k}" for k, v in redial["drops"].items()) or "none"
+        print(
+            f"load: reconnect: drops {drops}; {redial['attempts']:,} dials, "
+            f"{redial['reconnected']:,} back, {redial['pending']:,} still down; "
+            f"{redial['recovered_messages']:,} messages from history, gaps "
+            f"{redial['gaps']:,}, repeats {redial['repeats']:,}, not recovered "
+            f"{redial['not_recovered']:,}, unsequenced {redial['unsequenced']:,}",
+            file=sys.stderr,
+        )
     if controller.interrupted:
         name = signal.Signals(controller.interrupted).name
         where = f": report in {args.report}" if args.report else ""
@@ -216,4 +261,7 @@ def run(args: argparse.Namespace) -> int:
         and not report["publish_failed"]
         and all(d["received"] == d["expected"] for d in report["deliveries"])
     )
+    if redial is not None:  # drops are expected; every one back, every seq once, are not
+        complete = complete and c["final"] == c["target"] == c["ready"] and not redial["pending"]
+        complete = complete and not (redial["gaps"] or redial["repeats"] or redial["not_recovered"])
     return 0 if complete and not report["errors"] and not report["stalled"] else 1

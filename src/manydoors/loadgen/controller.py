@@ -33,6 +33,7 @@ from .errors import explain
 from .planner import Plan
 from .pusherclient import PusherApp
 from .pusherclient import publish as pusher_publish
+from .reconnect import Backoff, merge
 
 # Until every load process has reported once, the ramp is starting (forking, imports on
 # a busy machine), not stalled: the stall clock allows it at least this long.
@@ -56,6 +57,7 @@ class LoadOptions:
     tls: bool = False
     stall_timeout: float = 60.0  # a ramp whose counts do not move this long ends anyway
     pusher: PusherApp | None = None  # Pusher protocol 7; publish through its REST API
+    reconnect: Backoff | None = None  # dial again after drops, resubscribe with since
 
 
 def read_port_range(root: str = "/") -> tuple[int, int]:
@@ -177,6 +179,7 @@ class Controller:
             self.opts.ws,
             self.opts.tls,
             self.opts.pusher,
+            self.opts.reconnect,
         )
         for agent in self.plan.agents:
             mine, theirs = ctx.Pipe()
@@ -235,9 +238,12 @@ class Controller:
         if self.live is None:
             if s["t"] - self.last_line >= 1:
                 self.last_line = s["t"]
+                down = ""
+                if self.opts.reconnect is not None:
+                    down = f" down {self.redialing():,}"
                 self.say(
                     f"{phase}: open {s['open']:,}/{self.plan.connections:,} "
-                    f"ready {s['ready']:,} {rate:,.0f}/s errors {s['errors']:,} "
+                    f"ready {s['ready']:,}{down} {rate:,.0f}/s errors {s['errors']:,} "
                     f"load rss {s['rss_bytes'] / 2**20:.0f} MiB"
                 )
             return
@@ -246,9 +252,15 @@ class Controller:
         table.add_row("ready (hello'd, subscribed)", f"{s['ready']:,}")
         table.add_row("rate", f"{rate:,.0f}/s")
         table.add_row("load processes RSS", f"{s['rss_bytes'] / 2**20:,.0f} MiB")
+        if self.opts.reconnect is not None:
+            table.add_row("down (backing off or dialing again)", f"{self.redialing():,}")
         for name, count in self.errors().most_common():
             table.add_row(f"[red]{name}", f"{count:,}  {explain(name)}")
         self.live.update(table)
+
+    def redialing(self) -> int:
+        """--reconnect: connections down, waiting out their backoff or dialing again."""
+        return sum(s["reconnect"]["pending"] for s in self.latest.values() if "reconnect" in s)
 
     def ramp(self) -> None:
         """Wait until every process has attempted its share and each connection its answer.
@@ -461,6 +473,9 @@ class Controller:
             )
         errors = self.errors()
         ok = self.total("attempted") - sum(v for k, v in errors.items() if k.startswith("E"))
+        extra: dict[str, Any] = {}
+        if self.opts.reconnect is not None:
+            extra["reconnect"] = self.reconnect_report(finals, arrived)
         return {
             "machine": machine_info(),
             "plan": {
@@ -498,4 +513,27 @@ class Controller:
                     for n, h in sorted(latency.items())
                 },
             },
+            **extra,
+        }
+
+    def reconnect_report(
+        self, finals: list[dict[str, Any]], arrived: Counter[int]
+    ) -> dict[str, Any]:
+        """--reconnect: drops, dials and returns, and what each message reached."""
+        snaps = {s["agent"]: s for s in self.latest.values()}
+        snaps.update({f["agent"]: f for f in finals})
+        merged = merge([s["reconnect"] for s in snaps.values() if "reconnect" in s])
+        byes: Counter[str] = Counter()
+        for s in snaps.values():
+            byes.update(s["closed"])
+        backoff = self.opts.reconnect
+        assert backoff is not None
+        return {
+            "backoff": {"base_s": backoff.base, "cap_s": backoff.cap, "jitter": "full"},
+            "started_at": self.t0,  # wall clock of the timeline's t = 0
+            **merged,
+            "drops_explained": {k: explain(k) for k in merged["drops"]},
+            "byes": dict(byes),  # the bye events received, by reason
+            # message number -> connections that got it (each counted once per client)
+            "received": {str(n): c for n, c in sorted(arrived.items())},
         }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 EXPLAIN: dict[str, str] = {
     "EADDRNOTAVAIL": "a (source IP, target) 4-tuple ran out of ephemeral ports: "
     "add source IPs (--source-ips) or target ports, or widen ip_local_port_range",
@@ -22,6 +24,8 @@ EXPLAIN: dict[str, str] = {
     "its listen backlog, or it is too busy to answer",
     "closed_by_server": "the server closed the connection (or sent a WebSocket close) "
     "while it was held",
+    "closed": "--reconnect: the connection ended on our side after a refusal (a WebSocket "
+    "upgrade answered in HTTP: see its count under errors)",
     "bad_line": "the server sent a line that is not a JSON event",
     "tls_failed": "the TLS handshake or session failed: is the target a TLS service? "
     "(--tls against a plain port fails so)",
@@ -33,6 +37,16 @@ EXPLAIN: dict[str, str] = {
     "subscription_error": "the server refused the pusher:subscribe (401/403: a private "
     "channel's auth is wrong: is --app-secret the app's secret?)",
 }
+
+
+def errno_name(exc: BaseException) -> str:
+    """How an error is counted: its errno's name (ECONNRESET), else its type's."""
+    if isinstance(exc, TimeoutError):
+        return "ETIMEDOUT"
+    code = getattr(exc, "errno", None)
+    if code:
+        return errno.errorcode.get(code, f"errno {code}")
+    return type(exc).__name__
 
 
 def explain(name: str) -> str:
