@@ -93,12 +93,15 @@ def pusher_flags() -> tuple[list[str], list[str]]:
 
 
 class LoadWatch:
-    """``manydoors load ARGS`` whose lines are echoed; ``ramp_done`` is set at its
-    "ramp done: N ready" line (every connection has its answer: held and subscribed)."""
+    """``manydoors load ARGS`` whose lines are echoed (after ``tag``, if given);
+    ``ramp_done`` is set at its "ramp done: N ready" line (every connection has its
+    answer: held and subscribed). A subclass reads more of each line in ``seen``."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, tag: str = "", quiet: bool = False) -> None:
         cmd = [sys.executable, "-m", "manydoors", "load", *args]
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+        out = subprocess.DEVNULL if quiet else None
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE)
+        self.prefix = f"[{tag}] " if tag else ""
         self.ramp_done = threading.Event()
         self.ready: int | None = None
         self.thread = threading.Thread(target=self.echo, daemon=True)
@@ -108,10 +111,15 @@ class LoadWatch:
         assert self.proc.stderr is not None
         for raw in self.proc.stderr:
             line = raw.decode(errors="replace").rstrip()
-            print(line, file=sys.stderr, flush=True)
+            print(self.prefix + line, file=sys.stderr, flush=True)
             if line.startswith("load: ramp done: "):
                 self.ready = int(line.split()[3].replace(",", ""))
                 self.ramp_done.set()
+            else:
+                self.seen(line)
+
+    def seen(self, line: str) -> None:
+        """Any other line of the load generator's."""
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -48,12 +48,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from typing import Any
 
-from _common import HERE, RESULTS, machine, save, server, source
+from _common import HERE, RESULTS, LoadWatch, machine, save, server, source
 
 sys.path.insert(0, os.path.join(HERE, "peers"))
 from _procs import tree
@@ -146,31 +145,20 @@ class Node:
                 self.kill()
 
 
-class Load:
+class Load(LoadWatch):
     """``manydoors load --reconnect ...``: its lines echoed; ready, down and rounds read."""
 
     def __init__(self, flags: list[str], tag: str) -> None:
-        cmd = [sys.executable, "-m", "manydoors", "load", "--reconnect", *flags]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.tag = tag
-        self.ready = self.down = -1
+        self.down = -1
         self.rounds: set[int] = set()
-        self.ramp_done = threading.Event()
-        self.thread = threading.Thread(target=self.echo, daemon=True)
-        self.thread.start()
+        super().__init__("--reconnect", *flags, tag=tag, quiet=True)
 
-    def echo(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            print(f"[{self.tag}] {line}", file=sys.stderr, flush=True)
-            found = LOAD_LINE.match(line)
-            if found:
-                self.ready, self.down = (int(x.replace(",", "")) for x in found.groups())
-            elif line.startswith("load: ramp done: "):
-                self.ramp_done.set()
-            elif ROUND_LINE.match(line):
-                self.rounds.add(int(ROUND_LINE.match(line)[1]))  # type: ignore[index]
+    def seen(self, line: str) -> None:
+        found = LOAD_LINE.match(line)
+        if found:
+            self.ready, self.down = (int(x.replace(",", "")) for x in found.groups())
+        elif (round_line := ROUND_LINE.match(line)) is not None:
+            self.rounds.add(int(round_line[1]))
 
     def wait(self, what: str, test: Any, timeout: float) -> None:
         deadline = time.monotonic() + timeout
