@@ -28,6 +28,12 @@ connection, time to all, CPU per million deliveries, memory; the table is printe
 ``--no-floor`` skips it; ``--floor-only`` runs only the floor (saved as NAME-floor.json).
 The floor speaks neither WebSocket nor Pusher: with --ws or --pusher it is the same raw
 TCP floor, and the ratio says what the protocol costs on top of the kernel.
+
+A third run (TCP only; ``--no-c-client`` skips it): a fresh manydoors server ramped by
+the floor's own C client, each connection saying hello and subscribing as the load
+generator's do (``floor_client --greet``). Its ramp against the floor's is the servers'
+ratio alone; in the first run the Python load generator takes about as much of the
+same 2 cores per connection as the server. ``c_client`` in c1m.json, ``ratios.same_client``.
 """
 
 from __future__ import annotations
@@ -179,6 +185,42 @@ def manydoors_run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def c_client_run(args: argparse.Namespace) -> dict[str, Any]:
+    """A fresh manydoors server ramped by the floor's C client (hello + sub each).
+
+    The same client as the floor's ramp, so the ratio of the two is the servers' alone:
+    the Python load generator takes as much of the 2 cores per connection as the
+    server does. Ramp only (no hold, no broadcast); {"error": ...} if it cannot run.
+    """
+    flags = ["--max-connections", str(args.connections), "--ping-interval", args.ping_interval]
+    try:
+        with server(*flags) as srv:
+            reaper = Reaper(srv.proc.pid)
+            return floor.ramp_manydoors(
+                srv.port, args.connections, args.rate, lambda: usage(reaper.look()).cpu_s
+            )
+    except Exception as exc:  # it must not cost the runs before it
+        traceback.print_exc()
+        print(f"c1m: the C-client ramp did not run: {exc!r}", file=sys.stderr)
+        return {"error": repr(exc)}
+
+
+def same_client_rows(ours: dict[str, Any], theirs: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Ratios and table rows of the ramp with the floor's client on both sides."""
+    ratios = {
+        key: round(ours[key] / theirs[key], 3) if ours.get(key) and theirs.get(key) else None
+        for key in ("ramp_per_second", "server_cpu_us_per_connection")
+    }
+    ramp, cpu = "ramp_per_second", "server_cpu_us_per_connection"
+    rows = [
+        f"| ramp, floor's C client on both (connections/s) | {ours.get(ramp) or 0:,}"
+        f" | {theirs.get(ramp) or 0:,} | {ratios[ramp]} |",
+        f"| server CPU per connection, same client (us) | {ours.get(cpu)}"
+        f" | {theirs.get(cpu)} | {ratios[cpu]} |",
+    ]
+    return ratios, "\n".join(rows)
+
+
 def floor_run(args: argparse.Namespace) -> dict[str, Any]:
     """The C floor at the same count, rate and broadcasts; {"error": ...} if it cannot run."""
     try:
@@ -224,6 +266,11 @@ def main() -> int:
     where.add_argument(
         "--floor-after", action="store_true", help="run the floor after manydoors, not before"
     )
+    p.add_argument(
+        "--no-c-client",
+        action="store_true",
+        help="skip the third run: manydoors ramped by the floor's C client (TCP only)",
+    )
     args = p.parse_args()
     if args.ws and args.pusher:
         p.error("--ws or --pusher, not both")
@@ -246,6 +293,9 @@ def main() -> int:
     if not args.no_floor and args.floor_after:
         floor.settle(inuse)
         found = floor_run(args)
+    if not (args.no_c_client or args.no_floor or args.ws or args.pusher):
+        floor.settle(inuse)
+        result["c_client"] = c_client_run(args)
     if found is not None:
         result["floor"] = found
         result["floor_order"] = "after" if args.floor_after else "before"
@@ -253,6 +303,14 @@ def main() -> int:
             ours, theirs = floor.figures(result), floor.figures(found)
             result["ratios"] = floor.ratios(ours, theirs)
             result["ratio_table"] = floor.ratio_table(ours, theirs)
+            if "c_client" in result and "error" not in result["c_client"]:
+                floor_ramp = {
+                    "ramp_per_second": found.get("ramp_per_second"),
+                    "server_cpu_us_per_connection": found["server"].get("cpu_us_per_connection"),
+                }
+                same, rows = same_client_rows(result["c_client"], floor_ramp)
+                result["ratios"]["same_client"] = same
+                result["ratio_table"] += "\n" + rows
     print(json.dumps(result, indent=1))
     if "ratio_table" in result:
         print(result["ratio_table"], file=sys.stderr)

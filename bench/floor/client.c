@@ -2,7 +2,7 @@
  *
  *     floor_client --index I --target 127.0.0.1:PORT --lane SRC:COUNT [--lane ...]
  *                  --rate R [--connect-timeout 10] [--max-in-flight 512]
- *                  [--report PATH]
+ *                  [--report PATH] [--greet CHANNEL]
  *
  * Opens its lanes' connections (each bound to its lane's source IP with
  * IP_BIND_ADDRESS_NO_PORT, so the kernel picks the port per 4-tuple) at R per second,
@@ -12,6 +12,12 @@
  * message. Commands on stdin, one a line: "go" starts the ramp, "end" ends it where it
  * is, "stop" (or the end of stdin) writes the report and exits. Progress goes to stdout
  * as one JSON line (one write) every 250 ms.
+ *
+ * --greet CHANNEL drives a manydoors TCP service instead of the floor's server: each
+ * connection says hello (as user c<index>-<n>) and subscribes to CHANNEL in its first
+ * write, as `manydoors load --subscribe` does, and is ready at the sub's ok (id 2). An
+ * error event before that counts as "refused". So the same client, at the same cost,
+ * can ramp the floor's server and manydoors: the ratio of the two ramps is the servers'.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -53,7 +59,8 @@ static int nlanes;
 static struct sockaddr_in target;
 static int ep, nofile, index_, max_in_flight = 512;
 static double rate = 1000, connect_timeout = 10;
-static const char *report_path;
+static const char *report_path, *greet_channel;
+static long refused;
 
 static uint8_t *state;
 static int64_t *started; /* ns: the connect, then (once connected) the welcome */
@@ -149,6 +156,15 @@ static void connected(int fd, int64_t now) {
         peak = open_;
     struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP, .data.fd = fd};
     epoll_ctl(ep, EPOLL_CTL_MOD, fd, &ev);
+    if (greet_channel) {
+        char hello[512];
+        int len = snprintf(hello, sizeof hello,
+                           "{\"op\":\"hello\",\"user\":\"c%d-%ld\",\"id\":1}\n"
+                           "{\"op\":\"sub\",\"channel\":\"%s\",\"id\":2}\n",
+                           index_, attempted, greet_channel);
+        if (write(fd, hello, (size_t)len) != len) /* a few dozen bytes into an empty buffer */
+            fail(fd, errno ? errno : EIO);
+    }
 }
 
 static void open_one(void) {
@@ -213,6 +229,20 @@ static long field(const char *line, const char *name) {
 }
 
 static void on_line(int fd, char *line) {
+    if (state[fd] == WAITING && greet_channel) {
+        if (strncmp(line, "{\"ev\":\"error\"", 13) == 0) {
+            refused++;
+            forget(fd);
+            return;
+        }
+        if (strncmp(line, "{\"ev\":\"ok\"", 10) != 0 || field(line, "\"id\":") != 2)
+            return;
+        state[fd] = READY;
+        in_flight--;
+        ready++;
+        last_ready = mono_ns();
+        return;
+    }
     if (state[fd] == WAITING) {
         if (strncmp(line, "{\"ev\":\"welcome\"", 15) != 0)
             return;
@@ -274,6 +304,8 @@ static void on_readable(int fd) {
         while ((nl = memchr(line, '\n', have - (size_t)(line - buf))) != NULL) {
             *nl = 0;
             on_line(fd, line);
+            if (state[fd] == FREE)
+                return; /* refused and closed */
             line = nl + 1;
         }
         size_t rest = have - (size_t)(line - buf);
@@ -319,7 +351,9 @@ static int errors_json(char *out, size_t size) {
             sep = ",";
     if (closed_by_server)
         off += snprintf(out + off, size - (size_t)off, "%s\"closed_by_server\":%ld", sep,
-                        closed_by_server);
+                        closed_by_server), sep = ",";
+    if (refused)
+        off += snprintf(out + off, size - (size_t)off, "%s\"refused\":%ld", sep, refused);
     off += snprintf(out + off, size - (size_t)off, "}");
     return off;
 }
@@ -453,6 +487,8 @@ int main(int argc, char **argv) {
             max_in_flight = atoi(value);
         else if (!strcmp(flag, "--report"))
             report_path = value;
+        else if (!strcmp(flag, "--greet"))
+            greet_channel = value;
         else {
             fprintf(stderr, "floor_client: unknown flag %s\n", flag);
             return 2;

@@ -222,6 +222,7 @@ class Clients:
         processes: int | None,
         connect_timeout: float,
         workdir: str,
+        greet: str | None = None,
     ) -> None:
         self.plan = make_plan(
             connections, (("127.0.0.1", port),), read_port_range(), fd_limit(), None, processes
@@ -241,6 +242,7 @@ class Clients:
                     cmd += ["--lane", f"{lane.src}:{lane.count}"]
                 cmd += ["--rate", f"{per_process:.3f}", "--report", report]
                 cmd += ["--connect-timeout", str(connect_timeout)]
+                cmd += ["--greet", greet] if greet is not None else []
                 self.procs.append(
                     subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=write_end, stderr=self.log)
                 )
@@ -539,6 +541,64 @@ def _ramp(clients: Clients, n: int, stall_timeout: float, say: Log) -> bool:
             while not all(s["ramp_done"] for s in clients.snapshot()) and time.monotonic() < end:
                 time.sleep(PROGRESS_S)
             return True
+
+
+def ramp_manydoors(
+    port: int,
+    connections: int,
+    rate: float,
+    server_cpu: Callable[[], float],
+    *,
+    channel: str = "veg",
+    client_procs: int | None = None,
+    connect_timeout: float = 10,
+    stall_timeout: float = 60,
+    say: Log = _say,
+) -> dict[str, Any]:
+    """The floor's client ramping a manydoors TCP service (hello + sub each): the ramp.
+
+    The same C client as the floor's own ramp, so manydoors/floor for this ramp is the
+    servers' ratio alone (a Python load generator on the same 2 cores takes as much CPU
+    per connection as the server). ``server_cpu`` reads the server's CPU seconds.
+    """
+    exe = build()["client"]
+    with tempfile.TemporaryDirectory(prefix="manydoors-floor-") as workdir:
+        clients = Clients(
+            exe, port, connections, rate, client_procs, connect_timeout, workdir, greet=channel
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not clients.all_reported():
+                if clients.dead() or time.monotonic() > deadline:
+                    raise FloorError(f"floor clients did not start (exited: {clients.dead()})")
+                time.sleep(0.05)
+            base = server_cpu()
+            clients.send("go")
+            stalled = _ramp(clients, connections, stall_timeout, say)
+            cpu = server_cpu() - base
+            snaps = clients.snapshot()
+            held, errors = clients.total("open"), clients.errors()
+            ramp_s = max(s["ramp_s"] for s in snaps)
+            ok = clients.total("attempted") - sum(v for k, v in errors.items() if k.startswith("E"))
+            say(f"ramp done: {held:,} ready, {sum(errors.values()):,} errors")
+        finally:
+            try:
+                clients.stop()
+            finally:
+                clients.kill()
+        connect, _ = clients.histograms()
+    return {
+        "client": "floor_client --greet (C)",
+        "client_processes": len(clients.procs),
+        "held": held,
+        "ready": clients.total("ready"),
+        "errors": dict(errors),
+        "stalled": stalled,
+        "ramp_per_second": round(ok / ramp_s) if ramp_s else None,
+        "all_ready_seconds": round(max(s["ready_s"] for s in snaps), 3),
+        "server_cpu_us_per_connection": round(cpu / max(1, held) * 1e6, 1),
+        "connect_ms": percentiles(connect, 0.1),
+    }
 
 
 def settle(tcp_inuse_before: int, timeout: float = 120, say: Log = _say) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "peers"))
 from _procs import tree
 
 import floor  # bench/floor/floor.py
+from manydoors.node import procfs
+from support.server import Server
 
 
 def need_cc() -> None:
@@ -110,3 +113,32 @@ def test_ratios_are_manydoors_over_the_floor() -> None:
     table = floor.ratio_table(ours, theirs)
     assert "| ramp (connections/s) | 5,000 | 20,000 | 0.25 |" in table
     assert "| broadcast: time to all (slowest, s) | 1.20 | 0.40 | 3.0 |" in table
+
+
+def test_the_floor_client_ramps_manydoors_each_saying_hello_and_subscribing(
+    serve: Callable[..., Server],
+) -> None:
+    need_cc()
+    server = serve("--workers", "2", "--max-connections", "3000", "--ping-interval", "0")
+
+    def cpu() -> float:
+        return float(sum(procfs.cpu_seconds(p) or 0 for p in tree(server.proc.pid)))
+
+    found = floor.ramp_manydoors(
+        server.port(), 2000, 20_000, cpu, channel="veg", client_procs=2, say=lambda _: None
+    )
+    assert (found["held"], found["ready"], found["errors"]) == (2000, 2000, {})
+    assert found["ramp_per_second"] > 0 and found["server_cpu_us_per_connection"] > 0
+    stats = server.stats()
+    assert stats["accepted"] == 2000
+    assert not any(stats["errors"].values())  # every hello and sub was good
+    assert floor_processes() == []
+
+
+def test_the_floor_client_counts_a_refusal_as_refused(serve: Callable[..., Server]) -> None:
+    need_cc()
+    server = serve("--workers", "1", "--max-connections", "500", "--ping-interval", "0")
+    found = floor.ramp_manydoors(
+        server.port(), 800, 20_000, lambda: 0.0, client_procs=1, say=lambda _: None
+    )
+    assert found["ready"] == 500 and found["errors"] == {"refused": 300}

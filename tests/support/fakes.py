@@ -188,6 +188,14 @@ def connect(
     return conn, transport
 
 
+def sync_all(worker: Worker, link: FakeLink) -> None:
+    """Answer the worker's SYNCs as the broker would: what waited on them goes out
+    (acks, and the welcomes held with them: server/welcome.py)."""
+    link.flush()
+    while worker.sessions.waiting:
+        worker.on_frame(link, Kind.SYNCED, "", b"")  # type: ignore[arg-type]
+
+
 def counter(worker: Worker, name: str) -> int:
     """One counter of the worker's stats row."""
     return worker.counters.table.row(worker.spec.slot)[name]

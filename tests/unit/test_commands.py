@@ -11,7 +11,7 @@ from manydoors.protocol.ipc import EXCLUDE, RECOVER_HEAD, RECOVERED_HEAD, TOKEN,
 from manydoors.server.connection import Connection
 from manydoors.server.connids import ConnIds
 from manydoors.server.worker import Worker
-from support.fakes import FakeLink, FakeTransport, connect, counter, in_loop, make_worker
+from support.fakes import FakeLink, FakeTransport, connect, counter, in_loop, make_worker, sync_all
 
 LINE = b'{"ev":"msg","channel":"veg","seq":1,"from":null,"data":"dal"}\n'
 
@@ -49,6 +49,7 @@ async def test_a_disconnect_says_bye_with_its_reason_to_every_connection_of_the_
     worker, link = make_worker()
     ann = [joined(worker, "ann") for _ in range(2)]
     _, bob = joined(worker, "bob")
+    sync_all(worker, link)
     for _, tr in [*ann, (None, bob)]:
         tr.take()
     frame(worker, link, Kind.DISCONNECT, "ann", b"banned")
@@ -90,6 +91,7 @@ def test_an_unsubscribe_takes_every_connection_of_the_user_out_and_tells_it() ->
     ann_b, tr_b = joined(worker, "ann", "veg")
     _, tr_c = joined(worker, "ann", "fruit")  # ann, but not in veg
     _, bob = joined(worker, "bob", "veg")
+    sync_all(worker, link)
     for tr in (tr_a, tr_b, tr_c, bob):
         tr.take()
     link.frames.clear()
@@ -140,6 +142,7 @@ def test_channel_counts_answer_for_the_names_asked_that_the_worker_holds() -> No
 def test_a_channel_delivery_leaves_out_exactly_the_connection_its_id_names() -> None:
     worker, link = make_worker()
     subs = [joined(worker, None, "veg") for _ in range(3)]
+    sync_all(worker, link)
     ids = [conn_id(tr) for _, tr in subs]
     for _, tr in subs:
         tr.out.clear()
@@ -154,6 +157,7 @@ def test_a_channel_delivery_leaves_out_exactly_the_connection_its_id_names() -> 
 def test_an_id_of_another_worker_leaves_nobody_out_here() -> None:
     worker, link = make_worker()
     subs = [joined(worker, None, "veg") for _ in range(2)]
+    sync_all(worker, link)
     pid, token = EXCLUDE.unpack(exclude_head(conn_id(subs[0][1])) or b"")
     for _, tr in subs:
         tr.out.clear()
@@ -165,6 +169,7 @@ def test_user_and_all_deliveries_leave_one_out_too() -> None:
     worker, link = make_worker()
     ann = [joined(worker, "ann") for _ in range(2)]
     _, bob = joined(worker, "bob")
+    sync_all(worker, link)
     head = exclude_head(conn_id(ann[0][1]))
     assert head is not None
     for _, tr in [*ann, (None, bob)]:

@@ -13,7 +13,7 @@ import uvloop
 
 from manydoors.node.link import Link
 from manydoors.protocol.ipc import Kind, encode_frame
-from support.fakes import connect, make_worker
+from support.fakes import connect, make_worker, sync_all
 
 
 async def _pair(on_frame: object) -> tuple[Link, socket.socket]:
@@ -89,13 +89,16 @@ def test_a_worker_under_a_delivery_flood_lets_the_loop_turn() -> None:
     """A real Worker: 200 deliveries to 2,000 subscribers in one read of its link."""
 
     async def main() -> None:
-        worker, _ = make_worker(max_connections=5000, fd_limit=10_000)
+        worker, fake = make_worker(max_connections=5000, fd_limit=10_000)
         subscribers = []
         for i in range(2000):
             conn, tr = connect(worker, ("10.0.0.1", 10000 + i))
             conn.data_received(b'{"op":"sub","channel":"flood"}\n')
             tr.out.clear()
             subscribers.append(tr)
+        sync_all(worker, fake)
+        for tr in subscribers:
+            tr.out.clear()
         link, peer = await _pair(worker.on_frame)
         line = b'{"ev":"msg","channel":"flood","seq":1,"from":null,"data":0}\n'
         flood = encode_frame(Kind.DELIVER_CHANNEL, "flood", line) * 200

@@ -54,6 +54,9 @@ class Admission:
         self.ip_counts: CountTable | None = None  # shared with the service's workers
         self.user_counts: CountTable | None = None
         self.admitted = 0
+        # Holds a welcome until the first acks can go with it (welcome.py); set by the
+        # worker for the native wires. True: held.
+        self.hold: Callable[[Peer, bytes], bool] | None = None
         self.next_conn = 0
         self.released = 0  # connections released since the worker last trimmed memory
         self.stopping = False
@@ -122,7 +125,9 @@ class Admission:
         transport.set_write_buffer_limits(high=self.service.max_outbound_bytes)
         self.next_conn += 1
         name = self.ids.name(conn, self.next_conn)
-        conn.write(encode(Welcome(name, self.service.name, self.slot)))
+        welcome = encode(Welcome(name, self.service.name, self.slot))
+        if self.hold is None or not self.hold(conn, welcome):
+            conn.write(welcome)
         return name
 
     def take_user(self, conn: Peer, user: str) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import gc
 import itertools
 import os
@@ -39,7 +40,7 @@ from ..protocol.wire import NDJSON, WEBSOCKET
 from ..pusher import frames as pusher_frames
 from ..pusher.connection import connection_class as pusher_connection
 from ..pusher.sessions import PusherSessions
-from . import tls
+from . import tls, welcome
 from .admission import Admission
 from .clock import Clock
 from .commands import Commands
@@ -126,6 +127,8 @@ class Worker:
             svc.max_message_bytes,
             apps={app.key: app for app in spec.apps},
         )
+        if not self.pusher:  # a Pusher client says nothing before its welcome
+            self.admission.hold = functools.partial(welcome.hold, self.sessions)
         self.commands = Commands(self.hub, self.admission, self.sessions, wire, self.fanout)
         self.link: Link | None = None
         self.stop_event = asyncio.Event()

@@ -1,0 +1,86 @@
+"""A welcome held with the first acks (server/welcome.py): one write, nothing ahead of it."""
+
+from __future__ import annotations
+
+import json
+
+from manydoors.server.worker import Worker
+from support.fakes import FakeLink, FakeTransport, connect, in_loop, make_worker, sync_all
+
+
+def line(op: dict[str, object]) -> bytes:
+    return json.dumps(op).encode() + b"\n"
+
+
+def waiting_worker() -> tuple[Worker, FakeLink]:
+    """A worker with an interest frame not yet sent (a hello of a new user)."""
+    worker, link = make_worker()
+    first, _ = connect(worker)
+    first.data_received(line({"op": "hello", "user": "alice", "id": 1}))
+    assert worker.sessions.dirty
+    return worker, link
+
+
+def writes(tr: FakeTransport) -> list[list[str]]:
+    """Each write's events, by name (ev, or ev:id)."""
+    out = []
+    for data in tr.out:
+        events = [json.loads(x) for x in data.splitlines()]
+        out.append([e["ev"] + (f":{e['id']}" if "id" in e else "") for e in events])
+    return out
+
+
+def test_a_connection_that_speaks_first_gets_welcome_and_acks_in_one_write() -> None:
+    worker, link = waiting_worker()
+    conn, tr = connect(worker)
+    assert tr.out == []  # the welcome waits for the broker's round trip
+    conn.data_received(
+        line({"op": "hello", "user": "bob", "id": 1})
+        + line({"op": "sub", "channel": "veg", "id": 2})
+    )
+    assert tr.out == []
+    sync_all(worker, link)
+    assert writes(tr) == [["welcome", "ok:1", "ok:2"]]
+    conn.data_received(line({"op": "ping", "id": 3}))
+    assert writes(tr)[1:] == [["pong:3"]]  # released: straight through from here on
+
+
+def test_what_is_written_before_the_round_trip_waits_behind_the_welcome() -> None:
+    worker, link = waiting_worker()
+    conn, tr = connect(worker)
+    conn.data_received(line({"op": "ping", "id": "p"}) + b"not json\n")
+    assert tr.out == []
+    sync_all(worker, link)
+    assert writes(tr) == [["welcome", "pong:p", "error"]]
+
+
+def test_a_worker_with_nothing_waiting_writes_the_welcome_at_once() -> None:
+    worker, link = make_worker()
+    conn, tr = connect(worker)
+    assert writes(tr) == [["welcome"]]
+    conn.data_received(line({"op": "hello", "user": "bob", "id": 1}))
+    sync_all(worker, link)
+    assert writes(tr) == [["welcome"], ["ok:1"]]
+
+
+@in_loop
+async def test_a_bye_while_the_welcome_waits_goes_out_behind_it_and_closes() -> None:
+    worker, link = make_worker(max_bad_messages=2)
+    first, _ = connect(worker)
+    first.data_received(line({"op": "hello", "user": "alice", "id": 1}))
+    conn, tr = connect(worker)
+    conn.data_received(b"[]\n[]\n")  # two bad messages in a row: bye
+    assert tr.closed
+    assert writes(tr) == [["welcome", "error", "error", "bye"]]
+    sync_all(worker, link)  # the release finds the connection closed: nothing more
+    assert len(tr.out) == 1
+
+
+def test_a_connection_lost_while_its_welcome_waits_gets_no_write() -> None:
+    worker, link = waiting_worker()
+    conn, tr = connect(worker)
+    conn.data_received(line({"op": "hello", "user": "bob", "id": 1}))
+    conn.connection_lost(ConnectionResetError())
+    tr.closed = True  # the fake asserts on a write after close
+    sync_all(worker, link)
+    assert tr.out == []
