@@ -250,7 +250,7 @@ def test_stats_workers_rows_of_live_and_dead_workers(sockets: Any, fake_proc: Pa
     pool.slots[1].process = cast(Any, FakeProcess(102))
     pool.slots[1].base_fds = 10
     # slot 2: its worker died and was not restarted yet.
-    put(pool, 0, connections=100)
+    put(pool, 0, connections=100, loop_lag_max_ms=7, sync_wait_max_ms=3)
     put(pool, 1, connections=5)
     workers = make_stats([pool]).stats()["services"][0]["workers"]
     assert workers == [
@@ -262,6 +262,8 @@ def test_stats_workers_rows_of_live_and_dead_workers(sockets: Any, fake_proc: Pa
             "fd_limit": FD_LIMIT,
             "rss_bytes": 101 * procfs.PAGE,
             "restarts": 2,
+            "loop_lag_max_ms": 7,
+            "sync_wait_max_ms": 3,
         },
         {
             "slot": 1,
@@ -271,6 +273,8 @@ def test_stats_workers_rows_of_live_and_dead_workers(sockets: Any, fake_proc: Pa
             "fd_limit": FD_LIMIT,
             "rss_bytes": 102 * procfs.PAGE,
             "restarts": 0,
+            "loop_lag_max_ms": 0,
+            "sync_wait_max_ms": 0,
         },
         {
             "slot": 2,
@@ -280,6 +284,8 @@ def test_stats_workers_rows_of_live_and_dead_workers(sockets: Any, fake_proc: Pa
             "fd_limit": FD_LIMIT,
             "rss_bytes": None,
             "restarts": 0,
+            "loop_lag_max_ms": 0,
+            "sync_wait_max_ms": 0,
         },
     ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from manydoors.config import AuthConfig
 from manydoors.protocol.ipc import RECOVER_HEAD, RECOVERED_HEAD, TOKEN, Kind
@@ -195,3 +196,13 @@ async def test_with_tokens_ops_before_hello_are_refused_and_a_bad_token_closes()
     assert events[0]["code"] == "unauthorized" and events[0]["id"] == 2
     assert events[1] == {"ev": "bye", "reason": "unauthorized"}
     assert tr.closed
+
+
+def test_the_longest_wait_for_the_broker_is_kept_in_ms() -> None:
+    worker, link = make_worker()
+    conn, _ = connect(worker)
+    conn.data_received(line({"op": "hello", "user": "alice", "id": 1}))
+    link.flush()  # the SYNC goes out
+    time.sleep(0.03)
+    worker.on_frame(link, Kind.SYNCED, "", b"")  # type: ignore[arg-type]
+    assert 30 <= counter(worker, "sync_wait_max_ms") < 1000

@@ -142,6 +142,8 @@ class NodeStats:
                     "fd_limit": self.fd_limit,
                     "rss_bytes": procfs.rss(pid) if pid is not None else None,
                     "restarts": slot.restarts,
+                    "loop_lag_max_ms": row["loop_lag_max_ms"],
+                    "sync_wait_max_ms": row["sync_wait_max_ms"],
                 }
             )
         return workers

@@ -115,9 +115,10 @@ class Sessions:
         # Consecutive bad messages of the connections that sent one lately: rare, so
         # kept here rather than in a slot of every connection.
         self.strikes: dict[Peer, int] = {}
-        # Acks that must wait until the broker has applied our earlier interest frames.
+        # Acks that wait for the broker to apply our interest frames: batches sent, with
+        # the time their SYNC went out (oldest first), and those not yet sent.
         self.dirty = False
-        self.waiting: deque[list[tuple[Peer, bytes | Callable[[], None]]]] = deque()
+        self.waiting: deque[tuple[float, list[tuple[Peer, bytes | Callable[[], None]]]]] = deque()
         self.unsynced: list[tuple[Peer, bytes | Callable[[], None]]] = []  # since the last write
         # Requests to the broker that a client waits for, by request id.
         self.requests = request_ids()
@@ -140,9 +141,8 @@ class Sessions:
             return
         conn.sent = sent = conn.sent + 1
         if sent > self.msgs_per_tick:
-            self.reject(
-                conn, ProtocolError("rate_limited", self.rate_reason, getattr(op, "id", None))
-            )
+            op_id = getattr(op, "id", None)
+            self.reject(conn, ProtocolError("rate_limited", self.rate_reason, op_id))
             return
         if self.strikes:
             self.strikes.pop(conn, None)
@@ -184,8 +184,7 @@ class Sessions:
     def release(self, conn: Peer, why: str = "closed") -> None:
         """A connection has ended (``why``): forget it everywhere; tell the broker."""
         if conn.user is not None:
-            if conn.channels:
-                self.members.leave_all(conn)
+            self.members.leave_all(conn)  # nothing to do without channels
             self.members.event("disconnect", conn, why)
         lost, gone = self.hub.remove(conn)
         self.admission.leave(conn)
@@ -478,7 +477,7 @@ class Sessions:
                 self.link.at_flush(self.sync)
             self.unsynced.append((conn, then))
         elif self.waiting:
-            self.waiting[-1].append((conn, then))
+            self.waiting[-1][1].append((conn, then))
         elif isinstance(then, bytes):
             conn.write(then)
         else:
@@ -489,19 +488,20 @@ class Sessions:
         self.dirty = False
         if self.link is not None:
             self.link.send(Kind.SYNC)
-        self.waiting.append(self.unsynced)
+        self.waiting.append((time.monotonic(), self.unsynced))
         self.unsynced = []
 
     def synced(self) -> int:
         """The broker's SYNCED: the oldest batch of held acks goes out (how many)."""
         if not self.waiting:
             return 0
-        # A hello and a sub sent together are acked in one write; a list from the
-        # second ack of a connection on (adding bytes was O(n^2) for 100,000 subs).
+        sent, batch = self.waiting.popleft()
+        self.counters.worst(self.counters.i_sync_wait, time.monotonic() - sent)
+        # A connection's acks go in one write (a list from the second on: += was O(n^2))
         acks: dict[Peer, bytes | list[bytes]] = {}
         calls: list[Callable[[], None]] = []
         frame = self.frame
-        for conn, then in self.waiting.popleft():
+        for conn, then in batch:
             if isinstance(then, bytes):
                 had = acks.get(conn)
                 if had is None:

@@ -44,6 +44,11 @@ COUNTERS: Final = (
     *(f"lost_{r}" for r in LOST),
     *(f"error_{code}" for code in ERROR_CODES),
     *(f"hook_{h}_{o}" for h in HOOKS for o in HOOK_OUTCOMES),
+    # Gauges, the worst since the worker started (a starved worker or broker shows here;
+    # issue 18's no_answer stall): how late its sweep timer fired, and how long acks
+    # held for the broker (a hello's, a sub's, and the welcomes with them) waited.
+    "loop_lag_max_ms",
+    "sync_wait_max_ms",
 )
 COL: Final = {name: i for i, name in enumerate(COUNTERS)}
 CONNECTIONS: Final = COL["connections"]
@@ -97,10 +102,12 @@ class Counters:
         "i_error",
         "i_hook",
         "i_in",
+        "i_lag",
         "i_lost",
         "i_out",
         "i_pings",
         "i_refused",
+        "i_sync_wait",
         "i_throttled",
         "mv",
         "table",
@@ -117,6 +124,8 @@ class Counters:
         self.i_dropped = ix["dropped"]
         self.i_throttled = ix["throttled"]
         self.i_pings = ix["pings"]
+        self.i_lag = ix["loop_lag_max_ms"]
+        self.i_sync_wait = ix["sync_wait_max_ms"]
         self.i_refused = {r: ix[f"refused_{r}"] for r in REFUSED}
         self.i_closed = {r: ix[f"closed_{r}"] for r in CLOSED}
         self.i_lost = {r: ix[f"lost_{r}"] for r in LOST}
@@ -130,6 +139,12 @@ class Counters:
     def hook(self, hook: str, outcome: str) -> None:
         """Count one call to the backend's ``hook`` that ended in ``outcome``."""
         self.mv[self.i_hook[hook, outcome]] += 1
+
+    def worst(self, i: int, seconds: float) -> None:
+        """Keep the larger of a gauge (``i``) and ``seconds``, in ms."""
+        ms = int(seconds * 1000)
+        if ms > self.mv[i]:
+            self.mv[i] = ms
 
     def connections(self) -> int:
         """Open connections of the whole service (every worker's row)."""

@@ -240,9 +240,12 @@ class Worker:
             await self.sessions.proxies.close()
 
     async def sweeper(self) -> None:
-        clock, admission = self.clock, self.admission
+        clock, admission, counters = self.clock, self.admission, self.counters
+        loop = asyncio.get_running_loop()
         while True:
+            due = loop.time() + clock.tick_s
             await asyncio.sleep(clock.tick_s)
+            counters.worst(counters.i_lag, loop.time() - due)
             if admission.released >= TRIM_AFTER and _malloc_trim is not None:
                 admission.released = 0
                 _malloc_trim(0)
