@@ -100,6 +100,11 @@ def manydoors_run(args: argparse.Namespace) -> dict[str, Any]:
                 peak["connections"] = stats["connections"]
                 peak["server_rss"] = rss([*pids, srv.proc.pid])
                 peak["slab"] = procfs.meminfo()["Slab"]
+                # The workers' worst loop lag and broker wait so far (gauges: the
+                # worst since start), read at the peak: over the ramp, not the end.
+                workers = stats["services"][0]["workers"]
+                for gauge in ("loop_lag_max_ms", "sync_wait_max_ms"):
+                    peak[gauge] = max(w.get(gauge, 0) for w in workers)
 
         proxy = Proxy(srv.api, readings.published, PUSHER_APP if args.pusher else None)
         flags = [
@@ -147,6 +152,8 @@ def manydoors_run(args: argparse.Namespace) -> dict[str, Any]:
         "server": {
             "workers": workers,
             "rss_bytes_at_peak": peak["server_rss"],
+            "ramp_loop_lag_max_ms": peak.get("loop_lag_max_ms"),
+            "ramp_sync_wait_max_ms": peak.get("sync_wait_max_ms"),
             "rss_bytes_at_start": server_base,
             "user_bytes_per_connection": round((peak["server_rss"] - server_base) / max(1, held)),
         },

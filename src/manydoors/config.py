@@ -333,6 +333,11 @@ class Config:
     fd_limit: int | None = None
     # fds a worker keeps for itself (listener, broker link, loop, /proc reads).
     fd_reserve: int = 64
+    # The workers' nice value above the supervisor's: the router in the supervisor is on
+    # every hello's and sub's path (their acks wait for its SYNCED), and with more
+    # workers than cores, at an equal share it got 1.9 % of a core while runnable all
+    # the time, and a 1M ramp's acks timed out (docs/benchmarks.md, issue 18).
+    worker_nice: int = 10
     broker: str = "local"  # "redis": nodes sharing redis_url form one logical server
     redis_url: str = "redis://127.0.0.1:6379/0"
     history_size: int = 100  # messages kept per channel for ``sub`` with ``since``
@@ -380,6 +385,8 @@ class Config:
             raise ConfigError("drain_timeout must be positive")
         if self.fd_reserve < 0:
             raise ConfigError("fd_reserve must not be negative")
+        if not 0 <= self.worker_nice <= 19:
+            raise ConfigError("worker_nice must be 0-19 (0: the supervisor's priority)")
         if self.fd_limit is not None and self.fd_limit <= self.fd_reserve + 1:
             raise ConfigError(f"fd_limit {self.fd_limit} leaves no room beside fd_reserve")
         if self.broker not in BROKERS:

@@ -280,6 +280,13 @@ GLOBAL_OPTIONS: Final = (
         "fds a worker keeps for itself beside its connections",
     ),
     Option(
+        "worker_nice",
+        "MANYDOORS_WORKER_NICE",
+        "--worker-nice",
+        int,
+        "workers' nice above the supervisor's, whose router every ack waits for (0-19)",
+    ),
+    Option(
         "broker",
         "MANYDOORS_BROKER",
         "--broker",

@@ -103,3 +103,43 @@ def test_full_server_is_counted_as_server_full(serve, tmp_path):
     assert code == 1
     assert report["errors"]["server_full"] == 30
     assert server.stats()["refused"]["server_full"] == 30
+
+
+def test_load_processes_run_at_the_workers_nice(serve, tmp_path):
+    """--nice (default 10, as worker_nice): load and workers compete as equals."""
+    import os
+    import subprocess
+
+    from manydoors.node import procfs
+    from support.server import manydoors_cmd
+
+    server = serve("--workers", "1", "--max-connections", "1000")
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    load = subprocess.Popen(
+        manydoors_cmd("load", *server.target(200), "--processes", "2", "--hold", "30"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert load.stderr is not None
+        for line in load.stderr:
+            if "ramp done" in line:
+                break
+        children: dict[int, list[int]] = {}
+        for pid in procfs.pids():
+            fields = procfs.stat(pid)
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(pid)
+        todo, mine = [load.pid], []
+        while todo:
+            pid = todo.pop()
+            mine.append(pid)
+            todo += children.get(pid, [])
+        nices = sorted(os.getpriority(os.PRIO_PROCESS, pid) for pid in mine[1:])
+        assert nices.count(min(19, base + 10)) == 2, nices  # the two load processes
+        assert os.getpriority(os.PRIO_PROCESS, load.pid) == base  # not the controller
+    finally:
+        load.terminate()
+        load.wait(30)
+        if load.stderr is not None:
+            load.stderr.close()

@@ -7,7 +7,7 @@ import signal
 import time
 
 from support.client import Client
-from support.server import spread
+from support.server import small, spread
 from support.wait import wait_for
 
 
@@ -408,3 +408,15 @@ def test_deeply_nested_json_and_a_newline_in_a_name_are_answered_not_fatal(serve
     bad_name = client.call({"op": "hello", "user": "ann\n", "id": 1})
     assert (bad_name["ev"], bad_name["code"]) == ("error", "bad_field")
     assert client.call({"op": "ping", "id": 2}) == {"ev": "pong", "id": 2}
+
+
+def test_workers_run_below_the_supervisor_so_its_router_is_not_starved(serve):
+    """worker_nice (default 10): every ack of a hello or sub waits for the router in the
+    supervisor, which must not get only its equal share among many busy workers."""
+    server = small(serve, workers=2)
+    base = os.getpriority(os.PRIO_PROCESS, server.proc.pid)
+    nices = [os.getpriority(os.PRIO_PROCESS, pid) for pid in server.worker_pids()]
+    assert nices == [min(19, base + 10)] * 2
+    level = small(serve, "--worker-nice", "0", workers=1)
+    (pid,) = level.worker_pids()
+    assert os.getpriority(os.PRIO_PROCESS, pid) == base

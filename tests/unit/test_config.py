@@ -100,6 +100,14 @@ def test_a_service_table_without_keys_gets_the_defaults() -> None:
     assert load("[[service]]\n").services == (ServiceConfig(),)
 
 
+def test_worker_nice_defaults_to_10_and_must_be_a_nice_value() -> None:
+    assert load("").worker_nice == 10
+    assert load("worker_nice = 0\n").worker_nice == 0
+    for bad in ("-1", "20"):
+        with pytest.raises(ConfigError, match="worker_nice must be 0-19"):
+            load(f"worker_nice = {bad}\n")
+
+
 def test_toml_can_set_max_bad_messages_and_fd_reserve() -> None:
     config = load("fd_reserve = 100\n[[service]]\nmax_bad_messages = 3\n")
     assert config.fd_reserve == 100
@@ -187,6 +195,7 @@ def test_every_option_is_reachable_by_env_and_flag() -> None:
         "drain_timeout": ("4.5", 4.5),
         "fd_limit": ("1000", 1000),
         "fd_reserve": ("32", 32),
+        "worker_nice": ("5", 5),
         "broker": ("redis", "redis"),
         "redis_url": ("redis://10.0.0.5:6380/1", "redis://10.0.0.5:6380/1"),
         "history_size": ("7", 7),

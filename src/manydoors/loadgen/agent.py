@@ -61,6 +61,7 @@ class AgentOptions:
     tls: bool = False  # TLS (no certificate check: see tlspipe)
     pusher: pusherclient.PusherApp | None = None  # speak Pusher protocol 7 (over ws)
     reconnect: Backoff | None = None  # dial again after a drop, resubscribe with since
+    nice: int = 0  # added to this process's nice value (the load's --nice)
 
 
 class Event(msgspec.Struct):
@@ -584,6 +585,8 @@ class Agent:
 def agent_main(plan: AgentPlan, opts: AgentOptions, pipe: Pipe) -> None:
     """Entry point of one load process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller stops us
+    if opts.nice:
+        os.nice(opts.nice)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(opts.fd_limit, hard), hard))
     gc.collect()

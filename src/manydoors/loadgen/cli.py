@@ -76,6 +76,16 @@ def add_parser(sub: Any) -> None:
         help="seconds a connect, and then the server's answer to the hello, may take",
     )
     p.add_argument(
+        "--nice",
+        type=int,
+        default=10,
+        choices=range(20),
+        metavar="0-19",
+        help="the load processes' nice value, as a node's workers (worker_nice): on one "
+        "machine they then compete with the workers as equals, and neither starves the "
+        "node's router",
+    )
+    p.add_argument(
         "--stall-timeout",
         type=float,
         default=60,
@@ -204,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
         stall_timeout=args.stall_timeout,
         pusher=pusher,
         reconnect=backoff,
+        nice=args.nice,
     )
     controller = Controller(plan, opts, live=sys.stderr.isatty())
     report = controller.run()

@@ -58,6 +58,7 @@ class LoadOptions:
     stall_timeout: float = 60.0  # a ramp whose counts do not move this long ends anyway
     pusher: PusherApp | None = None  # Pusher protocol 7; publish through its REST API
     reconnect: Backoff | None = None  # dial again after drops, resubscribe with since
+    nice: int = 0  # added to each load process's nice value
 
 
 def read_port_range(root: str = "/") -> tuple[int, int]:
@@ -180,6 +181,7 @@ class Controller:
             self.opts.tls,
             self.opts.pusher,
             self.opts.reconnect,
+            self.opts.nice,
         )
         for agent in self.plan.agents:
             mine, theirs = ctx.Pipe()

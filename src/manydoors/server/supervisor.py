@@ -145,6 +145,7 @@ class Supervisor:
             self.config.fd_reserve,
             self.config.drain_timeout,
             self.config.auth,
+            nice=self.config.worker_nice,
             namespaces=self.namespaces,
             events=self.worker_events,
             # The proxies' URLs and limits; the webhook secret stays here.

@@ -74,6 +74,7 @@ class WorkerSpec:
     namespaces: Namespaces = field(default_factory=lambda: Namespaces(NamespaceConfig()))
     hooks: HooksConfig = field(default_factory=HooksConfig)  # the proxies' (no webhook secret)
     apps: tuple[AppConfig, ...] = ()  # Pusher apps (a service with protocol "pusher")
+    nice: int = 0  # added to the worker's nice value (config.worker_nice)
 
 
 class Worker:
@@ -282,6 +283,8 @@ def worker_main(
 ) -> None:
     """Entry point of a worker process (started by the supervisor's fork server)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
+    if spec.nice:
+        os.nice(spec.nice)  # below the supervisor: why in config.py (worker_nice)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(spec.fd_limit, hard), hard))
     stats = StatsTable(memoryview(stats_buffer), spec.rows)
