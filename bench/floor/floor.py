@@ -223,6 +223,7 @@ class Clients:
         connect_timeout: float,
         workdir: str,
         greet: str | None = None,
+        nice: int = 0,
     ) -> None:
         self.plan = make_plan(
             connections, (("127.0.0.1", port),), read_port_range(), fd_limit(), None, processes
@@ -243,6 +244,8 @@ class Clients:
                 cmd += ["--rate", f"{per_process:.3f}", "--report", report]
                 cmd += ["--connect-timeout", str(connect_timeout)]
                 cmd += ["--greet", greet] if greet is not None else []
+                if nice:
+                    cmd = ["nice", "-n", str(nice), *cmd]
                 self.procs.append(
                     subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=write_end, stderr=self.log)
                 )
@@ -563,8 +566,18 @@ def ramp_manydoors(
     """
     exe = build()["client"]
     with tempfile.TemporaryDirectory(prefix="manydoors-floor-") as workdir:
+        # At manydoors' workers' nice (worker_nice), as `manydoors load` runs by default:
+        # clients and workers compete as equals, as the floor's client and server do.
         clients = Clients(
-            exe, port, connections, rate, client_procs, connect_timeout, workdir, greet=channel
+            exe,
+            port,
+            connections,
+            rate,
+            client_procs,
+            connect_timeout,
+            workdir,
+            greet=channel,
+            nice=10,
         )
         try:
             deadline = time.monotonic() + 30

@@ -38,10 +38,10 @@ from .errors import errno_name
 from .planner import AgentPlan
 from .reconnect import Backoff, Redial, sub_op
 from .tlspipe import TlsPipe, client_context
+from .window import Window
 
 IP_BIND_ADDRESS_NO_PORT: Final = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 IP_LOCAL_PORT_RANGE: Final = getattr(socket, "IP_LOCAL_PORT_RANGE", 51)
-MAX_IN_FLIGHT: Final = 512  # connects (and unacked hellos) outstanding per process
 TICK: Final = 0.005
 REPORT_EVERY: Final = 0.5
 SWEEP_EVERY: Final = 0.5  # how often connects and greetings are checked against the timeout
@@ -115,8 +115,9 @@ class Agent:
         # Open connections still waiting for that answer -> the user number their
         # greeting uses (sent once the TLS handshake is done). Oldest first, so the sweep
         # stops at the first one within its time; entries leave on the answer, so this
-        # holds at most MAX_IN_FLIGHT connections, never every held one.
+        # holds at most window.CEILING connections, never every held one.
         self.waiting: dict[LoadConn, int] = {}
+        self.window = Window(opts.connect_timeout)  # how many may wait at once
         # One shared answer to every heartbeat: no state per connection.
         self.pong = wsclient.masked_text(PONG) if opts.ws else PONG + b"\n"
         # Pusher: the subscribe to a public channel, the same bytes for every connection
@@ -223,7 +224,9 @@ class Agent:
     def mark_ready(self, conn: LoadConn) -> None:
         conn.ready = True
         self.ready += 1
-        self.waiting.pop(conn, None)
+        if self.waiting.pop(conn, None) is not None:
+            now = time.perf_counter()
+            self.window.answered(now - conn.started, now)
         if self.redial is not None:
             self.redial.ready(cast(RedialConn, conn))
 
@@ -482,7 +485,7 @@ class Agent:
                 # Backpressure: connects in flight and connections still waiting for
                 # their answer both count, so a server that falls behind slows the ramp
                 # instead of drowning in connections it has not greeted yet.
-                room = MAX_IN_FLIGHT - len(self.connecting) - len(self.waiting)
+                room = self.window.size - len(self.connecting) - len(self.waiting)
                 for _ in range(max(0, min(due, room, left))):
                     self.open_one(lane.src, lane.dst, lane.port, user)
                     self.attempted += 1
@@ -501,7 +504,7 @@ class Agent:
     async def redial_loop(self, redial: Redial) -> None:
         """Dial again the connections whose backoff is over, within the in-flight room."""
         while not self.stop.is_set():
-            room = MAX_IN_FLIGHT - len(self.connecting) - len(self.waiting)
+            room = self.window.size - len(self.connecting) - len(self.waiting)
             for conn in redial.due(time.monotonic(), room):
                 lane = redial.lane(conn.user)
                 self.open_one(lane.src, lane.dst, lane.port, conn.user, conn)
