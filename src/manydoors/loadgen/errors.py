@@ -21,7 +21,8 @@ EXPLAIN: dict[str, str] = {
     "worker is at its fd limit",
     "no_answer": "connected, but the server did not answer the hello (or finish the TLS "
     "handshake) within --connect-timeout: it stopped accepting and the connection waited in "
-    "its listen backlog, or it is too busy to answer",
+    "its listen backlog, or it is too busy to answer (a manydoors node's /api/stats shows "
+    "each worker's loop_lag_max_ms and sync_wait_max_ms: the worker, or its broker)",
     "closed_by_server": "the server closed the connection (or sent a WebSocket close) "
     "while it was held",
     "closed": "--reconnect: the connection ended on our side after a refusal (a WebSocket "
