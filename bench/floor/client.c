@@ -73,6 +73,12 @@ static long received[MAX_SEQ + 1];
 static uint32_t *latency[MAX_SEQ + 1];
 static uint32_t *connect_hist;
 static int64_t t_go, first_attempt, last_connect, last_ready;
+/* The window of connects and answers outstanding adapts as `manydoors load`'s does
+ * (loadgen/window.py): an answer slower than a quarter of the connect timeout halves it
+ * (once per such interval), one faster than an eighth widens it by one, 16 to
+ * --max-in-flight. The floor's server answers at once: it stays at the maximum. */
+static long window_size;
+static int64_t window_cut_at = INT64_MIN;
 static int going, ramp_ended, ramp_done, stopping;
 static int lane_at;
 static long lane_left;
@@ -206,7 +212,7 @@ static void ramp_step(void) {
         return;
     int64_t now = mono_ns();
     long due = (long)((double)(now - t_go) / 1e9 * rate) + 1 - attempted;
-    long room = max_in_flight - in_flight;
+    long room = window_size - in_flight;
     while (due > 0 && room > 0 && lane_at < nlanes) {
         if (lane_left == 0) {
             if (++lane_at >= nlanes)
@@ -217,7 +223,7 @@ static void ramp_step(void) {
         open_one();
         lane_left--;
         due--;
-        room = max_in_flight - in_flight;
+        room = window_size - in_flight;
     }
     if (lane_at >= nlanes || (lane_at == nlanes - 1 && lane_left == 0))
         ramp_ended = 1;
@@ -226,6 +232,19 @@ static void ramp_step(void) {
 static long field(const char *line, const char *name) {
     const char *p = strstr(line, name);
     return p ? strtoll(p + strlen(name), NULL, 10) : -1;
+}
+
+static void answered(int fd) {
+    int64_t now = mono_ns(), latency = now - started[fd];
+    int64_t slow = (int64_t)(connect_timeout * 1e9 / 4), fast = slow / 2;
+    if (latency > slow) {
+        if (now - window_cut_at > slow) {
+            window_size = window_size / 2 > 16 ? window_size / 2 : 16;
+            window_cut_at = now;
+        }
+    } else if (latency < fast && window_size < max_in_flight) {
+        window_size++;
+    }
 }
 
 static void on_line(int fd, char *line) {
@@ -237,6 +256,7 @@ static void on_line(int fd, char *line) {
         }
         if (strncmp(line, "{\"ev\":\"ok\"", 10) != 0 || field(line, "\"id\":") != 2)
             return;
+        answered(fd);
         state[fd] = READY;
         in_flight--;
         ready++;
@@ -246,6 +266,7 @@ static void on_line(int fd, char *line) {
     if (state[fd] == WAITING) {
         if (strncmp(line, "{\"ev\":\"welcome\"", 15) != 0)
             return;
+        answered(fd);
         state[fd] = READY;
         in_flight--;
         ready++;
@@ -494,6 +515,7 @@ int main(int argc, char **argv) {
             return 2;
         }
     }
+    window_size = max_in_flight;
     if (!port || !nlanes || rate <= 0) {
         fprintf(stderr, "floor_client: --target, --lane and a positive --rate are needed\n");
         return 2;

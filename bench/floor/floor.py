@@ -8,7 +8,8 @@ processes on one SO_REUSEPORT port, each accepts (accept4, non-blocking), writes
 welcome line, and on a broadcast command writes one line to every connection.
 ``client.c`` is one load process: it binds its lanes' loopback source IPs with
 IP_BIND_ADDRESS_NO_PORT, connects at its share of the rate with at most 512 connects
-and welcomes outstanding, counts a connection ready at its welcome, and times every
+and welcomes outstanding (a window that narrows on slow answers, as the load
+generator's), counts a connection ready at its welcome, and times every
 broadcast line from the send time it carries. Both are built here with ``cc -O2``
 (no dependency beyond libc) into bench/floor/build/.
 
