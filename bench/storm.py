@@ -30,8 +30,13 @@ during the outage: until recovered from history); exactly-once holds when every
 message reached N clients and no client saw a seq twice or skipped one. History
 (``--history-size``, ``--history-ttl``) is sized to cover the whole run.
 
-The floor (``bench/floor``, a C server and client) reconnecting the same N is meant to
-run in the same invocation: ``floor_reconnect`` is the hook (not there yet).
+The floor (``bench/floor``) reconnecting the same N, after each run (``--no-floor``
+skips it): the C server holding N connections of the C client with ``--reconnect`` (the
+same backoff), stopped the same way (SIGKILL of its every process, or for ``term`` the
+end of its stdin, on which its workers exit: it has no drain and no ``bye``), a new
+one started on the same port after the same outage; the time until all N are welcomed
+again. The run's ``floor`` section has those figures and ``ratios`` manydoors/floor.
+The floor has no history and no messages: it times the reconnection alone.
 
 Writes bench/results/storm.json (``--name``), and per run storm-<kind>-load.json (the
 load report) and storm-<kind>.png (its plot: connections over time).
@@ -55,8 +60,10 @@ from typing import Any
 from _common import HERE, RESULTS, LoadWatch, machine, save, server, source
 
 sys.path.insert(0, os.path.join(HERE, "peers"))
+sys.path.insert(0, os.path.join(HERE, "floor"))
 from _procs import tree
 
+import floor
 from manydoors.apiclient import get_json, post_json
 from manydoors.loadgen.controller import percentiles
 from manydoors.node import procfs
@@ -191,16 +198,23 @@ def publish(api: str, channel: str, n: int) -> dict[str, Any]:
     )
 
 
-def floor_reconnect(n: int, kind: str) -> dict[str, Any]:
-    """The C floor (bench/floor) reconnecting the same ``n`` after the same restart.
-
-    Hook for the floor's reconnect mode: it should return the same figures as a run
-    here (time until all back from the signal and from ready, dials), so that the
-    result can carry manydoors/floor ratios.
-    """
-    if not os.path.isdir(os.path.join(HERE, "floor")):
-        return {"skipped": "bench/floor is not there yet"}
-    return {"skipped": "bench/floor has no reconnect mode yet"}
+def floor_reconnect(args: argparse.Namespace, kind: str) -> dict[str, Any]:
+    """The C floor reconnecting the same N after the same restart ({"error"} if it fails)."""
+    if args.no_floor:
+        return {"skipped": "--no-floor"}
+    try:
+        floor.settle(args.tcp_inuse)  # the run before has closed its sockets
+        return floor.storm(
+            args.connections,
+            args.rate,
+            kind,
+            args.outage,
+            args.backoff,
+            back_timeout=min(args.back_timeout, 300),
+        )
+    except Exception as exc:  # the floor failing must not cost the manydoors run
+        print(f"storm: the floor did not run: {exc!r}", file=sys.stderr)
+        return {"error": repr(exc)}
 
 
 def storm(args: argparse.Namespace, kind: str, redis_url: str, tmp: str) -> dict[str, Any]:
@@ -294,6 +308,11 @@ def storm(args: argparse.Namespace, kind: str, redis_url: str, tmp: str) -> dict
         report = json.load(f)
     result = summarize(args, kind, report, timeline, published, stats, code, node.log_dir)
     result["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    theirs = result["floor"] = floor_reconnect(args, kind)
+    result["ratios"] = {
+        key: round(result[key] / theirs[key], 2) if result.get(key) and theirs.get(key) else None
+        for key in ("all_back_after_signal_s", "all_back_after_ready_s")
+    }
     return {**result, "notes": notes} if notes else result
 
 
@@ -358,7 +377,6 @@ def summarize(
         },
         "load_exit": code,
         "logs": logs,
-        "floor": floor_reconnect(n, kind),
     }
 
 
@@ -391,7 +409,9 @@ def main() -> int:
     p.add_argument("--history-size", type=int, default=1000)
     p.add_argument("--ping-interval", default="0", help="the node's heartbeat (as bench c1m)")
     p.add_argument("--name", default="storm")
+    p.add_argument("--no-floor", action="store_true", help="skip the floor's reconnect run")
     args = p.parse_args()
+    args.tcp_inuse = procfs.tcp_sockstat().get("inuse", 0)  # before the first run
     kinds = args.kill.split(",")
     if not set(kinds) <= {"term", "kill"}:
         p.error("--kill takes term, kill or term,kill")

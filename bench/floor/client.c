@@ -2,7 +2,7 @@
  *
  *     floor_client --index I --target 127.0.0.1:PORT --lane SRC:COUNT [--lane ...]
  *                  --rate R [--connect-timeout 10] [--max-in-flight 512]
- *                  [--report PATH] [--greet CHANNEL]
+ *                  [--report PATH] [--greet CHANNEL] [--reconnect BASE,CAP]
  *
  * Opens its lanes' connections (each bound to its lane's source IP with
  * IP_BIND_ADDRESS_NO_PORT, so the kernel picks the port per 4-tuple) at R per second,
@@ -18,6 +18,13 @@
  * write, as `manydoors load --subscribe` does, and is ready at the sub's ok (id 2). An
  * error event before that counts as "refused". So the same client, at the same cost,
  * can ramp the floor's server and manydoors: the ratio of the two ramps is the servers'.
+ *
+ * --reconnect BASE,CAP (seconds): a connection that ends while not stopping (closed,
+ * reset, refused, no answer) dials again on the same lane after a jittered exponential
+ * backoff, min(CAP, BASE * 2^attempt) * [0.5, 1), as `manydoors load --reconnect`: the
+ * floor's side of a reconnect storm (bench/storm.py). "ready_now" counts the
+ * connections ready at this moment, "drops" the ready ones lost, "returns" the
+ * redialed ones ready again.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -78,6 +85,16 @@ static int64_t t_go, first_attempt, last_connect, last_ready;
  * (once per such interval), one faster than an eighth widens it by one, 16 to
  * --max-in-flight. The floor's server answers at once: it stays at the maximum. */
 static long window_size;
+/* --reconnect: dials waiting for their time, a min-heap by due time. */
+struct redial {
+    int64_t due;
+    int lane, attempt;
+};
+static struct redial *heap;
+static long nheap, ready_now, drops, redials, returns;
+static double backoff_base, backoff_cap; /* seconds; base 0: no reconnect */
+static uint16_t *lane_of;
+static uint8_t *attempt_of, *again;
 static int64_t window_cut_at = INT64_MIN;
 static int going, ramp_ended, ramp_done, stopping;
 static int lane_at;
@@ -135,11 +152,49 @@ static void count_error(int e) {
     errs[e > 0 && e < MAX_ERRNO ? e : 0]++;
 }
 
+static void schedule(int lane, int attempt) {
+    double delay = backoff_base * (double)(1L << (attempt < 20 ? attempt : 20));
+    delay = (delay < backoff_cap ? delay : backoff_cap) * (0.5 + 0.5 * drand48());
+    struct redial r = {mono_ns() + (int64_t)(delay * 1e9), lane, attempt};
+    long i = nheap++;
+    while (i > 0 && heap[(i - 1) / 2].due > r.due) {
+        heap[i] = heap[(i - 1) / 2];
+        i = (i - 1) / 2;
+    }
+    heap[i] = r;
+}
+
+static struct redial unschedule(void) {
+    struct redial top = heap[0], last = heap[--nheap];
+    long i = 0;
+    for (;;) {
+        long child = 2 * i + 1;
+        if (child >= nheap)
+            break;
+        if (child + 1 < nheap && heap[child + 1].due < heap[child].due)
+            child++;
+        if (heap[child].due >= last.due)
+            break;
+        heap[i] = heap[child];
+        i = child;
+    }
+    if (nheap)
+        heap[i] = last;
+    return top;
+}
+
 static void forget(int fd) {
-    if (state[fd] == CONNECTING || state[fd] == WAITING)
+    int was = state[fd];
+    if (was == CONNECTING || was == WAITING)
         in_flight--;
-    if (state[fd] != CONNECTING)
+    if (was != CONNECTING)
         open_--;
+    if (was == READY) {
+        ready_now--;
+        drops++;
+    }
+    if (backoff_base > 0 && !stopping)
+        schedule(lane_of[fd], was == READY ? 0 : attempt_of[fd] + 1);
     state[fd] = FREE;
     got[fd] = 0;
     free(part[fd]);
@@ -173,11 +228,8 @@ static void connected(int fd, int64_t now) {
     }
 }
 
-static void open_one(void) {
-    struct lane *l = &lanes[lane_at];
-    attempted++;
-    if (first_attempt == 0)
-        first_attempt = mono_ns();
+static void dial(int lane, int attempt) {
+    struct lane *l = &lanes[lane];
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
         count_error(errno);
@@ -188,6 +240,9 @@ static void open_one(void) {
         count_error(EMFILE);
         return;
     }
+    lane_of[fd] = (uint16_t)lane;
+    attempt_of[fd] = (uint8_t)(attempt < 255 ? attempt : 255);
+    again[fd] = attempt > 0;
     int one = 1;
     setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
     if (bind(fd, (struct sockaddr *)&l->src, sizeof l->src) != 0) {
@@ -205,6 +260,46 @@ static void open_one(void) {
         connected(fd, now);
     else if (errno != EINPROGRESS)
         fail(fd, errno);
+}
+
+static void open_one(void) {
+    attempted++;
+    if (first_attempt == 0)
+        first_attempt = mono_ns();
+    dial(lane_at, 0);
+}
+
+static void redial_step(void) {
+    int64_t now = mono_ns();
+    while (nheap && heap[0].due <= now && in_flight < window_size) {
+        struct redial r = unschedule();
+        redials++;
+        dial(r.lane, r.attempt > 0 ? r.attempt : 1);
+    }
+}
+
+static void answered(int fd) {
+    int64_t now = mono_ns(), latency = now - started[fd];
+    int64_t slow = (int64_t)(connect_timeout * 1e9 / 4), fast = slow / 2;
+    if (latency > slow) {
+        if (now - window_cut_at > slow) {
+            window_size = window_size / 2 > 16 ? window_size / 2 : 16;
+            window_cut_at = now;
+        }
+    } else if (latency < fast && window_size < max_in_flight) {
+        window_size++;
+    }
+}
+
+static void became_ready(int fd) {
+    answered(fd);
+    state[fd] = READY;
+    in_flight--;
+    ready++;
+    ready_now++;
+    if (again[fd])
+        returns++;
+    last_ready = mono_ns();
 }
 
 static void ramp_step(void) {
@@ -234,19 +329,6 @@ static long field(const char *line, const char *name) {
     return p ? strtoll(p + strlen(name), NULL, 10) : -1;
 }
 
-static void answered(int fd) {
-    int64_t now = mono_ns(), latency = now - started[fd];
-    int64_t slow = (int64_t)(connect_timeout * 1e9 / 4), fast = slow / 2;
-    if (latency > slow) {
-        if (now - window_cut_at > slow) {
-            window_size = window_size / 2 > 16 ? window_size / 2 : 16;
-            window_cut_at = now;
-        }
-    } else if (latency < fast && window_size < max_in_flight) {
-        window_size++;
-    }
-}
-
 static void on_line(int fd, char *line) {
     if (state[fd] == WAITING && greet_channel) {
         if (strncmp(line, "{\"ev\":\"error\"", 13) == 0) {
@@ -256,21 +338,13 @@ static void on_line(int fd, char *line) {
         }
         if (strncmp(line, "{\"ev\":\"ok\"", 10) != 0 || field(line, "\"id\":") != 2)
             return;
-        answered(fd);
-        state[fd] = READY;
-        in_flight--;
-        ready++;
-        last_ready = mono_ns();
+        became_ready(fd);
         return;
     }
     if (state[fd] == WAITING) {
         if (strncmp(line, "{\"ev\":\"welcome\"", 15) != 0)
             return;
-        answered(fd);
-        state[fd] = READY;
-        in_flight--;
-        ready++;
-        last_ready = mono_ns();
+        became_ready(fd);
         return;
     }
     if (strncmp(line, "{\"ev\":\"broadcast\"", 17) != 0)
@@ -388,10 +462,11 @@ static void progress(int final) {
                        "{\"client\":%d,\"pid\":%d,\"attempted\":%ld,\"open\":%ld,\"peak\":%ld,"
                        "\"ready\":%ld,\"in_flight\":%ld,\"ramp_done\":%s,\"ramp_s\":%.6f,"
                        "\"ready_s\":%.6f,\"duplicates\":%ld,\"rss_bytes\":%ld,\"final\":%s,"
+                       "\"ready_now\":%ld,\"drops\":%ld,\"redials\":%ld,\"returns\":%ld,"
                        "\"errors\":%s,\"received\":[",
                        index_, (int)getpid(), attempted, open_, peak, ready, in_flight,
                        ramp_done ? "true" : "false", ramp_s, ready_s, duplicates, rss_bytes(),
-                       final ? "true" : "false", errors);
+                       final ? "true" : "false", ready_now, drops, redials, returns, errors);
     for (int s = 1; s <= MAX_SEQ; s++)
         off += snprintf(line + off, sizeof line - (size_t)off, "%s%ld", s > 1 ? "," : "",
                         received[s]);
@@ -510,6 +585,13 @@ int main(int argc, char **argv) {
             report_path = value;
         else if (!strcmp(flag, "--greet"))
             greet_channel = value;
+        else if (!strcmp(flag, "--reconnect")) {
+            if (sscanf(value, "%lf,%lf", &backoff_base, &backoff_cap) != 2 || backoff_base <= 0 ||
+                backoff_cap < backoff_base) {
+                fprintf(stderr, "floor_client: --reconnect BASE,CAP (seconds, 0 < BASE <= CAP)\n");
+                return 2;
+            }
+        }
         else {
             fprintf(stderr, "floor_client: unknown flag %s\n", flag);
             return 2;
@@ -531,7 +613,13 @@ int main(int argc, char **argv) {
     got = calloc((size_t)nofile, sizeof *got);
     part = calloc((size_t)nofile, sizeof *part);
     connect_hist = calloc(CONN_BUCKETS, sizeof *connect_hist);
-    if (!state || !started || !got || !part || !connect_hist)
+    heap = calloc((size_t)nofile, sizeof *heap);
+    lane_of = calloc((size_t)nofile, sizeof *lane_of);
+    attempt_of = calloc((size_t)nofile, 1);
+    again = calloc((size_t)nofile, 1);
+    srand48(getpid());
+    if (!state || !started || !got || !part || !connect_hist || !heap || !lane_of ||
+        !attempt_of || !again)
         die("calloc");
     ep = epoll_create1(EPOLL_CLOEXEC);
     if (ep < 0)
@@ -545,7 +633,12 @@ int main(int argc, char **argv) {
     progress(0);
     for (;;) {
         ramp_step();
+        redial_step();
         int timeout = going && !ramp_ended ? 5 : 100;
+        if (nheap) {
+            int64_t wait_ms = (heap[0].due - mono_ns()) / 1000000 + 1;
+            timeout = wait_ms < timeout ? (wait_ms > 0 ? (int)wait_ms : 0) : timeout;
+        }
         int n = epoll_wait(ep, evs, EVENTS, timeout);
         if (n < 0 && errno != EINTR)
             die("epoll_wait");

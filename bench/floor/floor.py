@@ -134,8 +134,8 @@ def _lines(stream: IO[bytes], on_line: Callable[[dict[str, Any]], None], tag: st
 class Server:
     """The floor's server: its master, its workers' count lines, its commands."""
 
-    def __init__(self, exe: str, processes: int, workdir: str) -> None:
-        cmd = [exe, "--workers", str(processes), "--port", "0", "--backlog", "4096"]
+    def __init__(self, exe: str, processes: int, workdir: str, port: int = 0) -> None:
+        cmd = [exe, "--workers", str(processes), "--port", str(port), "--backlog", "4096"]
         self.log = open(os.path.join(workdir, "server.stderr"), "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log
@@ -225,6 +225,7 @@ class Clients:
         workdir: str,
         greet: str | None = None,
         nice: int = 0,
+        reconnect: str | None = None,
     ) -> None:
         self.plan = make_plan(
             connections, (("127.0.0.1", port),), read_port_range(), fd_limit(), None, processes
@@ -245,6 +246,7 @@ class Clients:
                 cmd += ["--rate", f"{per_process:.3f}", "--report", report]
                 cmd += ["--connect-timeout", str(connect_timeout)]
                 cmd += ["--greet", greet] if greet is not None else []
+                cmd += ["--reconnect", reconnect] if reconnect is not None else []
                 if nice:
                     cmd = ["nice", "-n", str(nice), *cmd]
                 self.procs.append(
@@ -613,6 +615,95 @@ def ramp_manydoors(
         "server_cpu_us_per_connection": round(cpu / max(1, held) * 1e6, 1),
         "connect_ms": percentiles(connect, 0.1),
     }
+
+
+def storm(
+    connections: int,
+    rate: float,
+    kind: str,
+    outage: float,
+    backoff: str = "0.5,30",
+    *,
+    server_procs: int | None = None,
+    client_procs: int | None = None,
+    back_timeout: float = 600,
+    say: Log = _say,
+) -> dict[str, Any]:
+    """The floor's side of a reconnect storm (bench/storm.py): hold ``connections``, stop
+    the server (``kind`` "kill": SIGKILL of its every process; "term": the end of its
+    stdin, on which its workers exit and the kernel closes their sockets), start a new
+    one on the same port ``outage`` seconds after the signal, and time until every
+    client (``floor_client --reconnect BACKOFF``: jittered exponential backoff, as
+    ``manydoors load --reconnect``) is connected and welcomed again."""
+    exes = build()
+    procs = server_procs or server_processes(connections)
+    with tempfile.TemporaryDirectory(prefix="manydoors-floor-") as workdir:
+        first = Server(exes["server"], procs, workdir)
+        second: Server | None = None
+        clients: Clients | None = None
+        try:
+            clients = Clients(
+                exes["client"],
+                first.port,
+                connections,
+                rate,
+                client_procs,
+                10,
+                workdir,
+                reconnect=backoff,
+            )
+            deadline = time.monotonic() + 30
+            while not clients.all_reported():
+                if clients.dead() or time.monotonic() > deadline:
+                    raise FloorError(f"floor clients did not start (exited: {clients.dead()})")
+                time.sleep(0.05)
+            clients.send("go")
+            _ramp(clients, connections, 60, say)
+            held = clients.total("ready_now")
+            say(f"storm: {kind}: stopping the floor server under {held:,} clients")
+            signal_at = time.monotonic()
+            if kind == "kill":
+                for pid in first.reaper.look():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, 9)
+            first.stop()
+            time.sleep(max(0.0, signal_at + outage - time.monotonic()))
+            os.makedirs(os.path.join(workdir, "after"), exist_ok=True)
+            second = Server(exes["server"], procs, os.path.join(workdir, "after"), first.port)
+            up_at = time.monotonic()
+            back_at = None
+            while time.monotonic() - up_at < back_timeout:
+                time.sleep(PROGRESS_S)
+                if clients.total("ready_now") >= held:
+                    back_at = time.monotonic()
+                    break
+            back = clients.total("ready_now")
+            say(f"storm: {back:,} of {held:,} back")
+            return {
+                "kind": kind,
+                "held": held,
+                "back": back,
+                "outage_s": round(up_at - signal_at, 2),
+                "all_back_after_signal_s": round(back_at - signal_at, 2) if back_at else None,
+                "all_back_after_ready_s": round(back_at - up_at, 2) if back_at else None,
+                "drops": clients.total("drops"),
+                "dials": clients.total("redials"),
+                "reconnected": clients.total("returns"),
+                "errors": dict(clients.errors()),
+                "server_processes": procs,
+                "client_processes": len(clients.procs),
+            }
+        finally:
+            try:
+                if clients is not None:
+                    try:
+                        clients.stop()
+                    finally:
+                        clients.kill()
+            finally:
+                if second is not None:
+                    second.stop()
+                first.stop()
 
 
 def settle(tcp_inuse_before: int, timeout: float = 120, say: Log = _say) -> float:

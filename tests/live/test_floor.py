@@ -142,3 +142,15 @@ def test_the_floor_client_counts_a_refusal_as_refused(serve: Callable[..., Serve
         server.port(), 800, 20_000, lambda: 0.0, client_procs=1, say=lambda _: None
     )
     assert found["ready"] == 500 and found["errors"] == {"refused": 300}
+
+
+@pytest.mark.parametrize("kind", ["kill", "term"])
+def test_the_floor_clients_reconnect_after_the_server_is_stopped(kind: str) -> None:
+    need_cc()
+    found = floor.storm(
+        2000, 20_000, kind, 1.0, "0.2,2", server_procs=2, client_procs=2, say=lambda _: None
+    )
+    assert (found["held"], found["back"], found["drops"], found["reconnected"]) == (2000,) * 4
+    assert found["all_back_after_signal_s"] >= found["outage_s"] >= 1.0
+    assert found["errors"].get("closed_by_server") == 2000  # each saw its server go
+    assert floor_processes() == []
