@@ -321,6 +321,21 @@ class Clients:
         self.stream.close()
         self.log.close()
 
+    def wait_started(self, timeout: float = 30) -> None:
+        """Until every client process has reported once (FloorError if one died)."""
+        deadline = time.monotonic() + timeout
+        while not self.all_reported():
+            if self.dead() or time.monotonic() > deadline:
+                raise FloorError(f"floor clients did not start (exited: {self.dead()})")
+            time.sleep(0.05)
+
+    def end(self) -> None:
+        """Stop (their reports written), then kill whatever is left, however stop went."""
+        try:
+            self.stop()
+        finally:
+            self.kill()
+
     def kill(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
@@ -395,10 +410,7 @@ def run(
         finally:
             try:
                 if clients is not None:
-                    try:
-                        clients.stop()
-                    finally:
-                        clients.kill()
+                    clients.end()
             finally:
                 server.stop()
         assert clients is not None
@@ -430,11 +442,7 @@ def _drive(
     stall_timeout: float,
     say: Log,
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + 30
-    while not clients.all_reported():
-        if clients.dead() or time.monotonic() > deadline:
-            raise FloorError(f"floor clients did not start (exited: {clients.dead()})")
-        time.sleep(0.05)
+    clients.wait_started()
     load_base = _rss(clients.pids)
     clients.send("go")
     stalled = _ramp(clients, n, stall_timeout, say)
@@ -583,11 +591,7 @@ def ramp_manydoors(
             nice=10,
         )
         try:
-            deadline = time.monotonic() + 30
-            while not clients.all_reported():
-                if clients.dead() or time.monotonic() > deadline:
-                    raise FloorError(f"floor clients did not start (exited: {clients.dead()})")
-                time.sleep(0.05)
+            clients.wait_started()
             base = server_cpu()
             clients.send("go")
             stalled = _ramp(clients, connections, stall_timeout, say)
@@ -598,10 +602,7 @@ def ramp_manydoors(
             ok = clients.total("attempted") - sum(v for k, v in errors.items() if k.startswith("E"))
             say(f"ramp done: {held:,} ready, {sum(errors.values()):,} errors")
         finally:
-            try:
-                clients.stop()
-            finally:
-                clients.kill()
+            clients.end()
         connect, _ = clients.histograms()
     return {
         "client": "floor_client --greet (C)",
@@ -652,11 +653,7 @@ def storm(
                 workdir,
                 reconnect=backoff,
             )
-            deadline = time.monotonic() + 30
-            while not clients.all_reported():
-                if clients.dead() or time.monotonic() > deadline:
-                    raise FloorError(f"floor clients did not start (exited: {clients.dead()})")
-                time.sleep(0.05)
+            clients.wait_started()
             clients.send("go")
             _ramp(clients, connections, 60, say)
             held = clients.total("ready_now")
@@ -696,10 +693,7 @@ def storm(
         finally:
             try:
                 if clients is not None:
-                    try:
-                        clients.stop()
-                    finally:
-                        clients.kill()
+                    clients.end()
             finally:
                 if second is not None:
                     second.stop()
