@@ -119,7 +119,9 @@ def test_clients_come_back_after_a_restart_and_get_every_message_once(
     data = json.loads(report.read_text())
     redial = data["reconnect"]
     assert data["connections"] == {"target": N, "peak": N, "final": N, "ready": N}
-    assert redial["byes"] == {"shutdown": N}
+    # Every client got its bye; one whose redial landed on a worker that had not begun
+    # its drain yet (its SIGTERM comes a moment later on a busy machine) gets a second.
+    assert set(redial["byes"]) == {"shutdown"} and redial["byes"]["shutdown"] >= N
     assert redial["reconnected"] == N and redial["pending"] == 0
     # Each held connection was closed once by the drain; its dials then met a refused
     # connect, a reset (the old node's queue), or no answer: how many of each varies.
