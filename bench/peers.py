@@ -421,13 +421,20 @@ def figures(
         )
 
 
-def c1m_floor_row() -> dict[str, Any] | None:
-    """The floor at c1m's count, from the last ``./run bench c1m``, if it ran the floor."""
+def last_c1m() -> dict[str, Any] | None:
+    """bench/results/c1m.json, the last ``./run bench c1m``'s summary, if there is one."""
     path = os.path.join(RESULTS, "c1m.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        c1m = json.load(f)
+        return dict(json.load(f))
+
+
+def c1m_floor_row() -> dict[str, Any] | None:
+    """The floor at c1m's count, from the last ``./run bench c1m``, if it ran the floor."""
+    c1m = last_c1m()
+    if c1m is None:
+        return None
     found = c1m.get("floor")
     if not found or "error" in found:
         return None
@@ -442,11 +449,9 @@ def c1m_floor_row() -> dict[str, Any] | None:
 
 def c1m_row() -> dict[str, Any] | None:
     """manydoors at 1,000,000, from the last ``./run bench c1m`` (a separate run), if any."""
-    path = os.path.join(RESULTS, "c1m.json")
-    if not os.path.exists(path):
+    c1m = last_c1m()
+    if c1m is None:
         return None
-    with open(path) as f:
-        c1m = json.load(f)
     srv = c1m["server"]
     src = c1m.get("source") or {}  # c1m.json before the commit that added it: none
     commit = src.get("commit")
