@@ -5,7 +5,16 @@ from __future__ import annotations
 import json
 
 from manydoors.server.worker import Worker
-from support.fakes import FakeLink, FakeTransport, connect, in_loop, make_worker, sync_all
+from support.fakes import (
+    FakeLink,
+    FakeTransport,
+    accept,
+    connect,
+    in_loop,
+    make_worker,
+    next_iteration,
+    sync_all,
+)
 
 
 def line(op: dict[str, object]) -> bytes:
@@ -84,3 +93,29 @@ def test_a_connection_lost_while_its_welcome_waits_gets_no_write() -> None:
     tr.closed = True  # the fake asserts on a write after close
     sync_all(worker, link)
     assert tr.out == []
+
+
+def test_a_client_that_speaks_first_to_an_idle_worker_gets_one_write() -> None:
+    # uvloop makes a burst's connections before it reads them: the welcome waits one
+    # loop iteration, in which the hello is read, then waits for its acks.
+    worker, link = make_worker()
+    conn, tr = accept(worker)
+    assert tr.out == []
+    conn.data_received(
+        line({"op": "hello", "user": "bob", "id": 1})
+        + line({"op": "sub", "channel": "veg", "id": 2})
+    )
+    next_iteration(worker)
+    assert tr.out == []
+    sync_all(worker, link)
+    assert writes(tr) == [["welcome", "ok:1", "ok:2"]]
+
+
+def test_a_silent_client_of_an_idle_worker_gets_its_welcome_an_iteration_later() -> None:
+    worker, _ = make_worker()
+    conn, tr = accept(worker)
+    assert tr.out == []
+    next_iteration(worker)
+    assert writes(tr) == [["welcome"]]
+    conn.data_received(line({"op": "ping", "id": 1}))
+    assert writes(tr) == [["welcome"], ["pong:1"]]

@@ -6,7 +6,7 @@ import json
 
 from manydoors.protocol.ipc import Kind
 from manydoors.protocol.websocket import encode_line
-from support.fakes import connect, counter, make_worker
+from support.fakes import connect, counter, make_worker, next_iteration
 
 LINE = b'{"ev":"msg","channel":"veg","seq":1,"from":null,"data":"dal"}\n'
 
@@ -61,6 +61,7 @@ def test_a_websocket_worker_frames_a_delivery_once_as_a_text_frame() -> None:
             b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         )
+        next_iteration(worker)  # the welcome, held for an iteration, goes out
         tr.out.clear()
         transports.append(tr)
     worker.on_frame(link, Kind.DELIVER_ALL, "", LINE)  # type: ignore[arg-type]

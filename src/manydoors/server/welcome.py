@@ -6,23 +6,27 @@ the broker (``Sessions.when_applied``), so the welcome went out in one write and
 acks a round trip later in another. On loopback a write is the whole TCP path of
 both ends, and in a ramp profile the two writes were 43 % of a worker's CPU.
 
-So while the worker has interest frames not yet sent to the broker (a ramp of hellos
-always has: each new user is a USER_ON), a new connection's welcome waits with them:
-the connection's transport is swapped for a :class:`Held`, which queues every write
-(acks, a fan-out, an error, a bye) behind the welcome, in order, and the broker's
-SYNCED that releases the acks writes all of it at once. A worker with nothing waiting
-writes the welcome at once, as before: a held welcome costs a client that waits for
-it one broker round trip, and only while the worker is already waiting on one.
+So a new connection's welcome waits: its transport is swapped for a :class:`Held`,
+which queues every write (acks, a fan-out, an error, a bye) behind the welcome, in
+order. uvloop makes a burst of accepted connections before it reads any of them, so
+the welcome first waits one loop iteration (``Welcomes.settle``), in which a hello
+sent right behind the connect is read. Then, if the worker has interest frames for
+the broker (a ramp of hellos always has: each new user is a USER_ON), it waits for
+the SYNCED that releases the acks and writes all of it at once; otherwise it goes
+out then. A client that waits for its welcome before it speaks waits one loop
+iteration more, or one broker round trip while the worker is waiting on one anyway.
 Pusher's ``connection_established`` is never held: a Pusher client says nothing
 before it.
 
-Measured with the floor's C client ramping 150,000 connections into 8 workers: see
+Measured with the floor's C client ramping 150,000 connections: see
 docs/benchmarks.md, issue 18.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
@@ -68,19 +72,45 @@ class Held:
         return getattr(self.real, name)
 
 
-def hold(sessions: Sessions, conn: Peer, welcome: bytes) -> bool:
-    """Hold ``conn``'s welcome (an event line) until the broker's next SYNCED, if the
-    worker is waiting for one anyway; False: write it now."""
-    transport = conn.transport
-    if transport is None or not (sessions.dirty or sessions.unsynced):
-        return False
-    held = Held(transport, sessions.frame(welcome))
-    conn.transport = cast(asyncio.Transport, held)
+class Welcomes:
+    """One worker's held welcomes: each waits one loop iteration, then for the broker's
+    round trip if the worker has one to wait for."""
 
-    def release() -> None:
-        if conn.transport is cast(asyncio.Transport, held):  # else closed meanwhile
-            conn.transport = transport
-            held.flush()
+    __slots__ = ("due", "sessions", "soon")
 
-    sessions.when_applied(conn, release)
-    return True
+    def __init__(self, sessions: Sessions) -> None:
+        self.sessions = sessions
+        # How ``settle`` is scheduled: the worker's loop.call_soon, set when it runs
+        # (a test without a loop calls ``settle`` itself).
+        self.soon: Callable[[Callable[[], None]], object] | None = None
+        self.due: list[tuple[Peer, Held, asyncio.Transport]] = []
+
+    def hold(self, conn: Peer, welcome: bytes) -> bool:
+        """Hold ``conn``'s welcome (an event line); False: write it now."""
+        transport = conn.transport
+        if transport is None:
+            return False
+        held = Held(transport, self.sessions.frame(welcome))
+        conn.transport = cast(asyncio.Transport, held)
+        if not self.due and self.soon is not None:
+            self.soon(self.settle)  # once a burst
+        self.due.append((conn, held, transport))
+        return True
+
+    def settle(self) -> None:
+        """An iteration later: with the broker's round trip to come, the welcomes wait
+        for it (behind the acks that are waiting already); else they go out now."""
+        due, self.due = self.due, []
+        sessions = self.sessions
+        wait = sessions.dirty or bool(sessions.unsynced)
+        for conn, held, transport in due:
+            if wait:
+                sessions.when_applied(conn, functools.partial(_release, conn, held, transport))
+            else:
+                _release(conn, held, transport)
+
+
+def _release(conn: Peer, held: Held, transport: asyncio.Transport) -> None:
+    if conn.transport is cast(asyncio.Transport, held):  # else closed meanwhile
+        conn.transport = transport
+        held.flush()

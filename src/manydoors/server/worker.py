@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
-import functools
 import gc
 import itertools
 import os
@@ -128,8 +127,10 @@ class Worker:
             svc.max_message_bytes,
             apps={app.key: app for app in spec.apps},
         )
+        self.welcomes: welcome.Welcomes | None = None
         if not self.pusher:  # a Pusher client says nothing before its welcome
-            self.admission.hold = functools.partial(welcome.hold, self.sessions)
+            self.welcomes = welcome.Welcomes(self.sessions)
+            self.admission.hold = self.welcomes.hold
         self.commands = Commands(self.hub, self.admission, self.sessions, wire, self.fanout)
         self.link: Link | None = None
         self.stop_event = asyncio.Event()
@@ -214,6 +215,8 @@ class Worker:
     async def run(self, listen_sock: socket.socket, link_sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         self.link = link = Link(self.on_frame, "broker")
+        if self.welcomes is not None:
+            self.welcomes.soon = loop.call_soon
         self.sessions.link = self.sessions.members.link = link
         await loop.create_unix_connection(lambda: link, sock=link_sock)
         # Whatever happens, keep HEADROOM fds free so that a refusal can still be
