@@ -45,6 +45,27 @@ def test_the_service_wide_max_connections_is_read_from_every_row() -> None:
     assert counter(worker, "refused_server_full") == 1
 
 
+def test_the_total_is_read_again_before_half_a_share_of_the_room_is_taken() -> None:
+    # Reading 53 rows at each accept of a 1,000,000 ramp cost more than the check: a
+    # worker takes half its share of what is left, then reads again.
+    worker, _ = make_worker(rows=2, max_connections=100)
+    table = worker.counters.table
+    table.mv[table.index(0, 1)] = 60  # the other worker's connections
+    for _ in range(40):
+        _, tr = connect(worker)
+        assert tr.events()[0]["ev"] == "welcome"
+    refused(worker)  # exactly at the limit: 60 + 40
+    other, _ = make_worker(rows=2, max_connections=100)
+    table = other.counters.table
+    table.mv[table.index(0, 1)] = 60
+    connect(other)  # reads 60: room for (100 - 60) // 4 = 10 more before the next read
+    table.mv[table.index(0, 1)] = 99  # meanwhile the other worker nearly fills
+    accepted = 1
+    while accepted < 100 and connect(other)[1].events()[0]["ev"] == "welcome":
+        accepted += 1
+    assert accepted == 11  # the 12th read the total again and was refused
+
+
 def test_a_draining_worker_refuses_without_counting_a_refusal() -> None:
     worker, _ = make_worker()
     worker.admission.stopping = True
@@ -71,7 +92,7 @@ def shared_counts(worker: object, rows: int = 1) -> None:
 
 @in_loop
 async def test_max_connections_per_ip_refuses_the_next_and_frees_on_close() -> None:
-    worker, _ = make_worker(max_connections_per_ip=2)
+    worker, _ = make_worker(max_connections_per_ip=2, host="0.0.0.0")
     shared_counts(worker)
     first, _ = connect(worker, ("192.0.2.1", 1))
     connect(worker, ("192.0.2.1", 2))
@@ -85,8 +106,24 @@ async def test_max_connections_per_ip_refuses_the_next_and_frees_on_close() -> N
     assert tr.events()[0]["ev"] == "welcome"
 
 
+@in_loop
+async def test_a_service_bound_to_loopback_does_not_look_at_peer_addresses() -> None:
+    # Only loopback peers can reach it, and they are not held to the limit: the
+    # address is not even read (a fake peer from elsewhere shows it).
+    worker, _ = make_worker(max_connections_per_ip=1, host="127.0.0.1")
+    shared_counts(worker)
+    for port in range(3):
+        _, tr = connect(worker, ("192.0.2.1", port))
+        assert tr.events()[0]["ev"] == "welcome"
+    limited, _ = make_worker(max_connections_per_ip=1, host="127.0.0.1", limit_loopback=True)
+    shared_counts(limited)
+    connect(limited, ("127.0.0.1", 1))
+    _, tr = connect(limited, ("127.0.0.1", 2))
+    assert tr.events()[0]["code"] == "too_many_connections"
+
+
 def test_loopback_peers_are_not_held_to_the_per_ip_limit_unless_asked() -> None:
-    worker, _ = make_worker(max_connections_per_ip=1)
+    worker, _ = make_worker(max_connections_per_ip=1, host="0.0.0.0")
     shared_counts(worker)
     for port in range(3):
         _, tr = connect(worker, ("127.0.0.1", port))

@@ -331,6 +331,25 @@ def test_a_name_with_a_control_character_is_bad_field(escape: bytes) -> None:
     assert err.op_id == 1
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"op":"hello","user":"a\\u0007"}',
+        b'{"op":"unsub","channel":"a\\u0007"}',
+        b'{"op":"pub","channel":"a\\u0007","data":1}',
+        b'{"op":"send","user":"a\\u0007","data":1}',
+        b'{"op":"presence","channel":"x","after":"a\\u0007"}',
+    ],
+)
+def test_every_name_field_refuses_a_control_character(line: bytes) -> None:
+    # Checked only for lines with an escape (messages.py): every op's names are.
+    assert error_of(line).code == "bad_field"
+
+
+def test_an_escape_that_is_no_control_character_is_a_name() -> None:
+    assert decode_op(b'{"op":"sub","channel":"a\\\\b\\u00e9"}') == Sub(channel="a\\bé")
+
+
 def test_a_name_with_only_a_control_character_is_bad_field() -> None:
     assert error_of(b'{"op":"hello","user":"\\n"}').code == "bad_field"
 
