@@ -334,7 +334,14 @@ def error_line(code: str, reason: str, op_id: OpId = None) -> bytes:
     return encode(Error(code, reason, op_id))
 
 
+# The acks of small integer ids, the commonest of all (a hello's 1, a sub's 2): made
+# once, not encoded for every connection.
+_OK_LINES: Final = tuple(_enc.encode(Ok(i)) + b"\n" for i in range(64))
+
+
 def ok_line(op_id: OpId) -> bytes:
+    if type(op_id) is int and 0 <= op_id < 64:
+        return _OK_LINES[op_id]
     return encode(Ok(op_id))
 
 

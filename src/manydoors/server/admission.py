@@ -45,6 +45,10 @@ class Admission:
         self.cap = cap  # connections this worker may hold (its fds less a reserve)
         self.pid, self.slot = name  # the welcome's conn (pid-token) and worker
         self.ids = ConnIds(self.pid)  # the welcome's conn: from the object, no slot
+        # Every welcome of this worker but its conn (ASCII digits and a dash), encoded
+        # once: the two sides of that field.
+        head, _, tail = encode(Welcome("", service.name, self.slot)).partition(b'"conn":""')
+        self.welcome_head, self.welcome_tail = head + b'"conn":"', b'"' + tail
         self.max_connections = service.max_connections
         self.workers = counters.table.rows  # the service's workers: a row each
         self.room = 0  # accepts left before the service's total is read again
@@ -139,7 +143,7 @@ class Admission:
         transport.set_write_buffer_limits(high=self.service.max_outbound_bytes)
         self.next_conn += 1
         name = self.ids.name(conn, self.next_conn)
-        welcome = encode(Welcome(name, self.service.name, self.slot))
+        welcome = self.welcome_head + name.encode() + self.welcome_tail
         if self.hold is None or not self.hold(conn, welcome):
             conn.write(welcome)
         return name
