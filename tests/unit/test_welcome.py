@@ -119,3 +119,26 @@ def test_a_silent_client_of_an_idle_worker_gets_its_welcome_an_iteration_later()
     assert writes(tr) == [["welcome"]]
     conn.data_received(line({"op": "ping", "id": 1}))
     assert writes(tr) == [["welcome"], ["pong:1"]]
+
+
+def test_a_websocket_reply_in_the_upgrades_read_goes_behind_the_held_welcome() -> None:
+    # The upgrade, a ping and a close in one read: the 101 first, then the welcome,
+    # the pong and the close frame, in that order, none lost when the transport closes.
+    worker, _ = make_worker(protocol="websocket")
+    conn, tr = accept(worker)
+    mask = b"\x01\x02\x03\x04"
+    ping = bytes((0x89, 0x80 | 2)) + mask + bytes(b ^ mask[i] for i, b in enumerate(b"hi"))
+    close = bytes((0x88, 0x80)) + mask
+    conn.data_received(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        + ping
+        + close
+    )
+    data = b"".join(tr.out)
+    assert data.startswith(b"HTTP/1.1 101 ")
+    body = data.split(b"\r\n\r\n", 1)[1]
+    assert body[:2] == b"\x81" + bytes((len(body) - 8,))  # the welcome's text frame
+    assert b'"ev":"welcome"' in body
+    assert body.endswith(b"\x8a\x02hi\x88\x00")  # then the pong, then the close
+    assert tr.closed

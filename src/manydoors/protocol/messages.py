@@ -18,45 +18,46 @@ from typing import Annotated, Final
 import msgspec
 from msgspec import Meta, Raw, Struct
 
-# A name has no control characters. JSON can only carry one in a string as an escape
-# (msgspec rejects a raw one), so a line without a backslash is decoded without the
-# pattern, whose regex search was 3-6 % of a worker in a ramp: ``_strict`` checks the
-# others, with the same ops under this pattern. \Z, not $: msgspec matches with
-# re.search, where $ also matches before a final \n.
-Name = Annotated[str, Meta(min_length=1, max_length=128)]
-_StrictName = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+\Z")]
+# A name has no control characters. \Z, not $: msgspec matches with re.search, where $
+# also matches before a final \n.
+Name = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+\Z")]
+# JSON can only carry a control character in a string as an escape (msgspec rejects a
+# raw one), so a client op without a backslash is decoded without the pattern, whose
+# regex search was 3-6 % of a worker in a ramp; ``_strict`` checks the others, with the
+# same ops under Name.
+_OpName = Annotated[str, Meta(min_length=1, max_length=128)]
 OpId = int | str | None
 
 
 class Hello(Struct, tag="hello", tag_field="op"):
     # With auth mode "token" the user comes from the token's ``sub`` claim; with
     # "proxy", from the backend, which gets ``token`` and ``data`` (raw JSON) as sent.
-    user: Name | None = None
+    user: _OpName | None = None
     token: Annotated[str, Meta(max_length=8192)] | None = None
     id: OpId = None
     data: Raw = Raw(b"null")
 
 
 class Sub(Struct, tag="sub", tag_field="op"):
-    channel: Name
+    channel: _OpName
     id: OpId = None
     # The last seq the client saw: replay what it missed from the channel's history.
     since: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
 
 
 class Unsub(Struct, tag="unsub", tag_field="op"):
-    channel: Name
+    channel: _OpName
     id: OpId = None
 
 
 class Pub(Struct, tag="pub", tag_field="op"):
-    channel: Name
+    channel: _OpName
     data: Raw
     id: OpId = None
 
 
 class Send(Struct, tag="send", tag_field="op"):
-    user: Name
+    user: _OpName
     data: Raw
     id: OpId = None
 
@@ -74,9 +75,9 @@ class Ping(Struct, tag="ping", tag_field="op"):
 
 
 class PresenceOp(Struct, tag="presence", tag_field="op"):
-    channel: Name
+    channel: _OpName
     id: OpId = None
-    after: Name | None = None  # the page after this user id (the answer's ``next``)
+    after: _OpName | None = None  # the page after this user id (the answer's ``next``)
 
 
 class PongOp(Struct, tag="pong", tag_field="op"):
@@ -122,11 +123,11 @@ _op_decoder: Final[msgspec.json.Decoder[ClientOp]] = msgspec.json.Decoder(Client
 
 
 def _strict_op(op: type[Struct]) -> type[Struct]:
-    """``op`` with every Name field under the control-character pattern."""
+    """``op`` with every name field under the control-character pattern (Name)."""
 
     def strict(tp: object) -> object:
-        if tp == Name:
-            return _StrictName
+        if tp == _OpName:
+            return Name
         args = typing.get_args(tp)
         if args and typing.get_origin(tp) in (typing.Union, types.UnionType):
             return functools.reduce(operator.or_, map(strict, args))

@@ -199,6 +199,8 @@ class WsConnection(WsFrameParser, Connection):
             transport.write(response)
             if not self.upgraded(transport, target):
                 return
+            # The welcome may be held (welcome.py): what this read writes goes behind it.
+            transport = cast(asyncio.Transport, self.transport)
             data = request[used:]
             if not data:
                 return
