@@ -46,6 +46,7 @@ TICK: Final = 0.005
 REPORT_EVERY: Final = 0.5
 SWEEP_EVERY: Final = 0.5  # how often connects and greetings are checked against the timeout
 LINE_LIMIT: Final = 1024 * 1024
+RECV_BYTES: Final = 65536  # < glibc's mmap threshold: 256 KiB was mmap+mremap+munmap a recv
 PONG: Final = b'{"op":"pong"}'  # the answer to the server's heartbeat {"ev":"ping"}
 
 
@@ -403,7 +404,7 @@ class Agent:
 
     def on_readable(self, conn: LoadConn) -> None:
         try:
-            data = conn.sock.recv(262144)
+            data = conn.sock.recv(RECV_BYTES)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
