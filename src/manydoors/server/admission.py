@@ -50,8 +50,6 @@ class Admission:
         head, _, tail = encode(Welcome("", service.name, self.slot)).partition(b'"conn":""')
         self.welcome_head, self.welcome_tail = head + b'"conn":"', b'"' + tail
         self.max_connections = service.max_connections
-        self.workers = counters.table.rows  # the service's workers: a row each
-        self.room = 0  # accepts left before the service's total is read again
         self.per_ip = service.max_connections_per_ip
         # Bound to a loopback address, every peer is loopback: the peer's address (a
         # conversion to text for each connection) decides nothing.
@@ -96,16 +94,9 @@ class Admission:
             return Refusal(
                 self, "server_full", "this worker is at its fd limit", c.i_refused["worker_full"]
             )
-        if self.room > 0:
-            self.room -= 1
-        else:
-            total = c.connections()  # every worker's row: 53 of them at 1,000,000
-            if total >= self.max_connections:
-                reason = f"service is at max_connections ({self.max_connections})"
-                return Refusal(self, "server_full", reason, c.i_refused["server_full"])
-            # Half our share of what is left may go before we read the total again:
-            # the workers together stay under the limit, and near it every accept reads.
-            self.room = (self.max_connections - total) // (2 * self.workers)
+        if c.connections() >= self.max_connections:
+            reason = f"service is at max_connections ({self.max_connections})"
+            return Refusal(self, "server_full", reason, c.i_refused["server_full"])
         assert self.conn_class is not None, "the worker binds its connection class first"
         self.admitted += 1
         c.mv[c.i_conn] += 1
