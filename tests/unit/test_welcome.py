@@ -21,6 +21,12 @@ def line(op: dict[str, object]) -> bytes:
     return json.dumps(op).encode() + b"\n"
 
 
+# What a client that speaks first sends right behind its connect.
+HELLO_AND_SUB = line({"op": "hello", "user": "bob", "id": 1}) + line(
+    {"op": "sub", "channel": "veg", "id": 2}
+)
+
+
 def waiting_worker() -> tuple[Worker, FakeLink]:
     """A worker with an interest frame not yet sent (a hello of a new user)."""
     worker, link = make_worker()
@@ -43,10 +49,7 @@ def test_a_connection_that_speaks_first_gets_welcome_and_acks_in_one_write() -> 
     worker, link = waiting_worker()
     conn, tr = connect(worker)
     assert tr.out == []  # the welcome waits for the broker's round trip
-    conn.data_received(
-        line({"op": "hello", "user": "bob", "id": 1})
-        + line({"op": "sub", "channel": "veg", "id": 2})
-    )
+    conn.data_received(HELLO_AND_SUB)
     assert tr.out == []
     sync_all(worker, link)
     assert writes(tr) == [["welcome", "ok:1", "ok:2"]]
@@ -101,10 +104,7 @@ def test_a_client_that_speaks_first_to_an_idle_worker_gets_one_write() -> None:
     worker, link = make_worker()
     conn, tr = accept(worker)
     assert tr.out == []
-    conn.data_received(
-        line({"op": "hello", "user": "bob", "id": 1})
-        + line({"op": "sub", "channel": "veg", "id": 2})
-    )
+    conn.data_received(HELLO_AND_SUB)
     next_iteration(worker)
     assert tr.out == []
     sync_all(worker, link)
